@@ -1,0 +1,7 @@
+from .datalist import IMAGE_SUFFIXES, find_images, load_datalist
+from .synthetic import SYNTHETIC_LABELS, make_synthetic_dataset
+
+
+def resolve_dataset(dataset_dir: str | None, synthetic_dir: str) -> str:
+    """The data source to read: ``dataset_dir``, or the embedded synthetic set (made on first use) when it is empty."""
+    return dataset_dir if dataset_dir else make_synthetic_dataset(synthetic_dir)

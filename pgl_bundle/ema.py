@@ -1,0 +1,56 @@
+"""The target network's momentum schedule; the EMA update itself is ignite's ``EMAHandler``.
+
+Ignite's ``EMAHandler(model, momentum=lam)`` updates ``target <- (1 - lam) * target + lam * online`` with
+``lam`` read from ``engine.state.ema_momentum`` each iteration. BYOL's momentum ``tau`` is ``1 - lam``. Ignite
+can only warm ``lam`` up linearly, so this module sets it from BYOL's cosine schedule instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ignite.engine import Engine, Events
+
+__all__ = ["TargetMomentumSchedule", "byol_momentum"]
+
+
+def byol_momentum(iteration: int, total_iterations: int, base: float = 0.996, final: float = 1.0) -> float:
+    """BYOL's ``tau`` after ``iteration`` of ``total_iterations`` updates: ``base`` rising to ``final`` on a cosine.
+
+    ``tau_k = final - (final - base) * (cos(pi * k / K) + 1) / 2``.
+    """
+    progress = min(max(iteration / max(total_iterations, 1), 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class TargetMomentumSchedule:
+    """Handler that sets ignite's EMA update weight ``engine.state.<name> = 1 - tau`` before every iteration.
+
+    Derived from ``engine.state.iteration`` alone, so a resumed run continues the same schedule.
+
+    Args:
+        base_momentum: ``tau`` at the first iteration (0.996 in BYOL).
+        final_momentum: ``tau`` at the last iteration (1.0 in BYOL). Equal values give a constant momentum.
+        total_iterations: schedule length; by default the run's ``max_epochs * epoch_length``.
+        name: the state attribute that ``EMAHandler.attach`` was given.
+    """
+
+    def __init__(
+        self,
+        base_momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        total_iterations: int | None = None,
+        name: str = "ema_momentum",
+    ) -> None:
+        self.base_momentum = base_momentum
+        self.final_momentum = final_momentum
+        self.total_iterations = total_iterations
+        self.name = name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        total = self.total_iterations or engine.state.max_epochs * engine.state.epoch_length
+        tau = byol_momentum(engine.state.iteration - 1, total, self.base_momentum, self.final_momentum)
+        setattr(engine.state, self.name, 1.0 - tau)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler
 
 __all__ = ["TargetMomentumSchedule", "byol_momentum"]
 
@@ -24,30 +25,34 @@ def byol_momentum(iteration: int, total_iterations: int, base: float = 0.996, fi
 
 
 class TargetMomentumSchedule:
-    """Handler that sets ignite's EMA update weight ``engine.state.<name> = 1 - tau`` before every iteration.
+    """Handler that attaches ignite's ``EMAHandler`` and drives its momentum by BYOL's cosine schedule.
 
-    Derived from ``engine.state.iteration`` alone, so a resumed run continues the same schedule.
+    Before every iteration it sets the EMA update weight ``engine.state.ema_momentum = 1 - tau``; the
+    ``EMAHandler`` applies it after the iteration. Derived from ``engine.state.iteration`` alone, so a resumed
+    run continues the same schedule.
 
     Args:
+        ema_handler: the ``EMAHandler`` whose ``ema_model`` is the target path.
         base_momentum: ``tau`` at the first iteration (0.996 in BYOL).
         final_momentum: ``tau`` at the last iteration (1.0 in BYOL). Equal values give a constant momentum.
         total_iterations: schedule length; by default the run's ``max_epochs * epoch_length``.
-        name: the state attribute that ``EMAHandler.attach`` was given.
     """
 
     def __init__(
         self,
+        ema_handler: EMAHandler,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
         total_iterations: int | None = None,
-        name: str = "ema_momentum",
     ) -> None:
+        self.ema_handler = ema_handler
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
         self.total_iterations = total_iterations
-        self.name = name
+        self.name = "ema_momentum"
 
     def attach(self, engine: Engine) -> None:
+        self.ema_handler.attach(engine, name=self.name, warn_if_exists=False)
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:

@@ -118,36 +118,67 @@ def step(layers=(3, 4, 6, 3), patch=(96, 96, 16), batch: int = 2, hidden: int = 
         sync()
 
     both = torch.cat(views)
+    features = net.online.encoder(both)[-1].detach()
 
     def encoder_passes():
-        features = net.online.encoder(both)[-1]
-        features.backward(torch.ones_like(features))
+        out = net.online.encoder(both)[-1]
+        out.backward(torch.randn_like(out))
         with torch.no_grad():
             net.target.encoder(both)
         sync()
 
-    feature_shape = (batch, 256, *(p // s for p, s in zip(patch, encoder.output_stride)))
-    maps = [torch.rand(feature_shape, device=device, requires_grad=True) for _ in range(2)]
+    projections = net.online.projector(features).detach()
+    aligned = [p.detach() for p in aligner(*projections.chunk(2), geometry, geometry)]
+
+    def head_passes():
+        online = net.online.projector(features.requires_grad_())
+        predicted = net.predictor(online)
+        (online.sum() + predicted.sum()).backward()
+        with torch.no_grad():
+            net.target.projector(features)
+        sync()
 
     def aligner_passes():
+        maps = [p.clone().requires_grad_() for p in projections.chunk(2)]
         a1, a2 = aligner(*maps, geometry, geometry)
         (a1.sum() + a2.sum()).backward()
         with torch.no_grad():
-            aligner(*(m.detach() for m in maps), geometry, geometry)
+            aligner(*projections.chunk(2), geometry, geometry)
+        sync()
+
+    def loss_pass():
+        p = torch.cat(aligned).requires_grad_()
+        loss_fn((p, torch.cat(aligned))).backward()
+        sync()
+
+    def optimizer_and_ema():
+        optimizer.step()
+        with torch.no_grad():  # the EMA update, as ignite's EMAHandler does it
+            for t, o in zip(net.target.parameters(), net.online.parameters()):
+                t.mul_(0.996).add_(o, alpha=0.004)
         sync()
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     total = _timed(full_step, repeats)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    enc, ali = _timed(encoder_passes, repeats), _timed(aligner_passes, repeats)
+    parts = {
+        "encoder passes": _timed(encoder_passes, repeats),
+        "heads": _timed(head_passes, repeats),
+        "aligner": _timed(aligner_passes, repeats),
+        "loss": _timed(loss_pass, repeats),
+        "optimizer + EMA": _timed(optimizer_and_ema, repeats),
+    }
+    parts_total = sum(parts.values())
+    rest = parts_total - parts["encoder passes"]
     print(f"device {device}, threads {torch.get_num_threads()}, layers {list(layers)}, patch {list(patch)}, batch {batch}")
-    print(f"step:           {total * 1000:9.1f} ms")
-    print(f"encoder passes: {enc * 1000:9.1f} ms  ({100 * enc / total:5.1f} %)")
-    print(f"everything else:{(total - enc) * 1000:9.1f} ms  ({100 * (total - enc) / total:5.1f} %)")
-    print(f"  aligner:      {ali * 1000:9.1f} ms  ({100 * ali / total:5.1f} %)")
+    print(f"measured step:   {total * 1000:9.1f} ms (sum of the parts below: {parts_total * 1000:.1f} ms)")
+    for name, seconds in parts.items():
+        print(f"  {name:16s}{seconds * 1000:9.1f} ms  ({100 * seconds / parts_total:5.1f} % of the parts)")
+    print(f"everything but the encoder: {100 * rest / parts_total:5.1f} %; aligner alone: "
+          f"{100 * parts['aligner'] / parts_total:5.2f} %")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    print(f"peak RSS: {rss_after / 1024:.0f} MiB (step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")
+    print(f"peak RSS: {rss_after / 1024:.0f} MiB (the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")
 
 
 if __name__ == "__main__":

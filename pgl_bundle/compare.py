@@ -133,7 +133,7 @@ def _write_datalist(path: str, items: list[dict]) -> str:
 def _mean_dice_per_case(eval_dir: str) -> list[tuple[str, float]]:
     """Per test case, the mean foreground Dice from MONAI's ``MetricsSaver`` raw CSV."""
     with open(os.path.join(eval_dir, "val_mean_dice_raw.csv")) as f:
-        rows = list(csv.reader(f, delimiter="\t"))
+        rows = list(csv.reader(f))
     return [(row[0], float(row[-1])) for row in rows[1:]]
 
 
@@ -165,13 +165,13 @@ def compare(
     settings = PRESETS[preset]
     budgets, seeds = budgets or settings["budgets"], seeds or settings["seeds"]
     pretrain_epochs, lr_scales = pretrain_epochs or settings["pretrain_epochs"], lr_scales or settings["lr_scales"]
-    output_dir = os.path.abspath(output_dir)
+    output_dir, labelled = os.path.abspath(output_dir), os.path.abspath(labelled)
     os.makedirs(output_dir, exist_ok=True)
     labelled_items = load_datalist(labelled, keys=["image", "label"])
     pool = len(labelled_items) - settings["num_val_cases"] - settings["num_test_cases"]
     if max(budgets) > pool:
         raise ValueError(f"{labelled}: budget {max(budgets)} exceeds the {pool} training cases left after validation and test.")
-    sources = list(unlabelled) or [labelled]
+    sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
     images = []
     for source in sources:
         images += [{"image": source}] if os.path.isfile(source) and not source.endswith(".json") else load_datalist(source)

@@ -18,4 +18,6 @@ from .losses import ConsistencyLoss, consistency
 from .optimizers import LARS
 from .views import RandPGLViewsd
 
+from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
+
 __version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""The downstream network: PGL's encoder, a light U-Net decoder with a skip from every encoder stage, a 1x1x1 head.
+
+Sizes and strides are ``(x, y, z)``, slice axis last (see :mod:`pgl_bundle.views`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UpSample
+from torch import nn
+
+from pgl_bundle.networks.encoder import PGLResNetEncoder
+
+__all__ = ["DecoderStage", "PGLSegmentationNet"]
+
+
+class DecoderStage(nn.Module):
+    """Upsample by ``scale``, concatenate the skip, two 3x3x3 convolutions (``UnetBasicBlock``).
+
+    MONAI's ``UnetUpBlock`` / ``UnetrUpBlock`` require the skip to have the block's output width, and ``UpCat`` (used
+    by ``FlexibleUNet``'s decoder) upsamples by 2 on every axis. The encoder's skips are wider than a light decoder
+    and its strides are anisotropic, so this stage composes the same MONAI blocks with both free.
+
+    Args:
+        in_channels: channels of the deeper input.
+        skip_channels: channels of the skip connection.
+        out_channels: output channels.
+        scale: upsampling factor per axis ``(x, y, z)`` (a transposed convolution with ``kernel = stride = scale``).
+        norm: normalisation of the convolution block, as MONAI names it.
+        dropout: dropout rate of the convolution block.
+
+    Shapes: ``(B, in_channels, *s)`` and ``(B, skip_channels, *(s * scale)) -> (B, out_channels, *(s * scale))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        scale: Sequence[int],
+        norm: str | tuple = "instance",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.upsample = UpSample(3, in_channels, out_channels, scale_factor=tuple(scale), mode="deconv")
+        self.block = UnetBasicBlock(
+            3, out_channels + skip_channels, out_channels, kernel_size=3, stride=1, norm_name=norm, dropout=dropout
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.upsample(x), skip], dim=1))
+
+
+class PGLSegmentationNet(nn.Module):
+    """3D encoder-decoder for segmentation whose encoder is PGL's :class:`PGLResNetEncoder`.
+
+    The encoder is the module pretraining trains, kept as the attribute ``encoder``, so a pretrained encoder checkpoint
+    loads one to one: ``net.encoder.load_state_dict(torch.load("models/pretrained_encoder.pt"))`` (with checks and a
+    report: :func:`pgl_bundle.transfer.load_pretrained_encoder`). The decoder is new: one :class:`DecoderStage` per
+    encoder feature map, deepest first, each undoing that stage's stride and taking the next shallower map as its
+    skip; the last stage undoes the stem's stride and takes the input image itself as its skip.
+
+    Args:
+        encoder: a :class:`PGLResNetEncoder`, built with the pretraining config's arguments.
+        out_channels: number of classes, background included.
+        decoder_channels: output channels of the decoder stages, deepest first; one more than the encoder's feature
+            maps (5 stages for the stem and four ResNet stages).
+        norm: normalisation of the decoder (the encoder keeps its own).
+        dropout: dropout rate of the decoder and the head (MONAI Label's epistemic scoring sets it).
+
+    Input ``(B, C, x, y, z)`` with sizes divisible by ``encoder.output_stride`` ((16, 16, 8) by default); output: logits
+    ``(B, out_channels, x, y, z)``.
+    """
+
+    def __init__(
+        self,
+        encoder: PGLResNetEncoder,
+        out_channels: int,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        norm: str | tuple = "instance",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        skip_channels = (encoder.conv1.in_channels, *encoder.out_channels[:-1])
+        if len(decoder_channels) != len(skip_channels):
+            raise ValueError(
+                f"decoder_channels needs {len(skip_channels)} entries (one per encoder feature map), "
+                f"got {list(decoder_channels)}."
+            )
+        self.encoder = encoder
+        in_channels = (encoder.out_channels[-1], *decoder_channels[:-1])
+        stage_skips = skip_channels[::-1]  # deepest first, like the decoder
+        scales = encoder.stage_strides[::-1]  # each decoder stage undoes one encoder stride
+        self.decoder = nn.ModuleList(
+            DecoderStage(c_in, c_skip, c_out, scale, norm=norm, dropout=dropout)
+            for c_in, c_skip, c_out, scale in zip(in_channels, stage_skips, decoder_channels, scales)
+        )
+        self.head = UnetOutBlock(3, decoder_channels[-1], out_channels, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        skips = [x] + features[:-1]
+        y = features[-1]
+        for i, stage in enumerate(self.decoder):
+            y = stage(y, skips[len(skips) - 1 - i])
+        return self.head(y)

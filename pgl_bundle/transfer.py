@@ -1,0 +1,205 @@
+"""Pretrained encoder -> downstream network: checked loading, export to MONAI's own ResNet backbones, freezing.
+
+An encoder checkpoint (``models/pretrained_encoder.pt``, written by ``configs/pretrain.json`` for PGL and for BYOL) is
+the plain ``state_dict`` of :class:`~pgl_bundle.networks.PGLResNetEncoder`. Its names are MONAI ``ResNet`` names, so it
+loads one to one into :class:`~pgl_bundle.networks.PGLSegmentationNet` ``.encoder`` and, where shapes agree, into
+``monai.networks.nets.ResNet`` and the ResNet backbones of ``FlexibleUNet``. Nothing here loads partially in silence:
+every load reports matched, missing and unexpected keys, and refuses a file that does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from monai.networks.nets import ResNet
+from torch import nn
+
+__all__ = ["FreezeEncoder", "export_encoder", "load_encoder_checkpoint", "load_pretrained_encoder"]
+
+logger = logging.getLogger(__name__)
+
+_SHOWN = 5  # keys quoted in a message
+
+
+def _quote(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
+
+
+def load_encoder_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an encoder checkpoint: a ``state_dict`` mapping parameter and buffer names to tensors, loaded on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a PyTorch file of tensors only, or holds something other than a ``state_dict``
+            (e.g. a training checkpoint ``{"network": ..., "optimizer": ...}``); the message names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: encoder checkpoint not found.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated, foreign or unsafe pickles
+        raise ValueError(f"{path}: not an encoder checkpoint, torch.load failed: {e}") from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = _quote(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(
+            f"{path}: not an encoder checkpoint: expected a state_dict of tensors (models/pretrained_encoder.pt of "
+            f"configs/pretrain.json), found {found}."
+        )
+    return dict(state)
+
+
+def _prefix_hint(source_keys, target_keys) -> str:
+    """When the checkpoint's names are the encoder's behind a prefix (``online.encoder.``, ``module.``), say so."""
+    prefixes = Counter(s[: -len(t)] for s in source_keys for t in target_keys if s.endswith("." + t))
+    if not prefixes:
+        return ""
+    prefix = prefixes.most_common(1)[0][0]
+    return (
+        f" Its names are the encoder's behind the prefix '{prefix}': it holds a network that contains the encoder;"
+        f" save that network's '{prefix.rstrip('.')}' state_dict instead."
+    )
+
+
+def _check_match(path: str, state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> set[str]:
+    """The names in both; raise when there are none or when any of their shapes differ."""
+    matched = state.keys() & target.keys()
+    if not matched:
+        raise ValueError(
+            f"{path}: no tensor name matches the network's (checkpoint: {_quote(state)}; network: {_quote(target)})."
+            + _prefix_hint(state.keys(), target.keys())
+        )
+    wrong = [k for k in sorted(matched) if state[k].shape != target[k].shape]
+    if wrong:
+        details = "; ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in wrong[:_SHOWN])
+        raise ValueError(
+            f"{path}: {len(wrong)} tensor shape(s) differ from the network's (checkpoint vs network: {details}). "
+            "Build the encoder with the pretraining arguments (encoder_layers, encoder_block, encoder_width)."
+        )
+    return matched
+
+
+def load_pretrained_encoder(network: nn.Module, checkpoint: str | os.PathLike | None, strict: bool = True) -> nn.Module:
+    """Load an encoder checkpoint into ``network.encoder`` and log what matched; an empty path keeps random weights.
+
+    The config switch of ``configs/train.json``: ``"pretrained_encoder": ""`` (random initialisation) or the path of
+    a PGL or BYOL ``pretrained_encoder.pt``.
+
+    Args:
+        network: a module with an ``encoder`` attribute (:class:`~pgl_bundle.networks.PGLSegmentationNet`).
+        checkpoint: the encoder checkpoint; ``""`` or None: leave the network as it is.
+        strict: also fail when a tensor of the encoder is missing from the checkpoint or one is left over. Either
+            way, the report names them.
+
+    Returns:
+        ``network``, its encoder loaded.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_encoder_checkpoint`; also when no name matches, when a
+            matched tensor's shape differs, or (``strict``) when names are missing or unexpected.
+    """
+    if not checkpoint:
+        logger.info("pretrained_encoder is empty: the encoder keeps its random initialisation.")
+        return network
+    path = os.fspath(checkpoint)
+    state = load_encoder_checkpoint(path)
+    target = network.encoder.state_dict()
+    matched = _check_match(path, state, target)
+    missing, unexpected = target.keys() - state.keys(), state.keys() - target.keys()
+    report = f"{len(matched)} of {len(target)} encoder tensors matched, missing: [{_quote(missing)}], "
+    report += f"unexpected: [{_quote(unexpected)}]"
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: the checkpoint does not fit the encoder: {report}.")
+    network.encoder.load_state_dict({k: state[k] for k in matched}, strict=False)
+    (logger.warning if missing or unexpected else logger.info)(f"{path}: loaded into network.encoder: {report}.")
+    return network
+
+
+def export_encoder(
+    checkpoint: str | os.PathLike, target: nn.Module, filepath: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """Write an encoder checkpoint into the state of a MONAI network whose backbone is a ``monai.networks.nets.ResNet``.
+
+    The backbone is found by type, so the names line up whatever it is called: ``ResNet`` itself (no prefix),
+    ``FlexibleUNet`` with a ``resnet*`` backbone (``encoder.``), or :class:`~pgl_bundle.networks.PGLSegmentationNet`
+    (``encoder.``). A tensor is taken when the backbone has one of that name and shape; the others are left out and
+    reported, and the target keeps its own values there: e.g. ``conv1.weight`` for a stem kernel other than
+    ``(7, 7, 3)``, and the shortcut convolutions' biases, which ``FlexibleUNet``'s backbones do not have. Example::
+
+        from monai.networks.nets import FlexibleUNet, resnet50
+        from pgl_bundle.transfer import export_encoder
+
+        # exact: the same stem and no max pooling, so every tensor fits and the network computes the same features
+        net = resnet50(spatial_dims=3, n_input_channels=1, conv1_t_size=(7, 7, 3), conv1_t_stride=(2, 2, 1),
+                       no_max_pool=True, feed_forward=False)
+        net.load_state_dict(export_encoder("models/pretrained_encoder.pt", net))
+
+        # FlexibleUNet: all but the stem kernel (7x7x7) and the shortcut biases; its strides are isotropic,
+        # so its features differ from PGL's: a starting point for fine-tuning
+        unet = FlexibleUNet(in_channels=1, out_channels=2, backbone="resnet50", spatial_dims=3)
+        unet.load_state_dict(export_encoder("models/pretrained_encoder.pt", unet, "models/flexible_unet_init.pt"))
+
+    Args:
+        checkpoint: an encoder checkpoint (see :func:`load_encoder_checkpoint`).
+        target: the MONAI network to initialise; it is not modified.
+        filepath: where to also save the result with ``torch.save``; None: do not save.
+
+    Returns:
+        the complete ``state_dict`` of ``target`` with the fitting encoder tensors in place: it loads with
+        ``target.load_state_dict(...)`` (strict).
+
+    Raises:
+        ValueError: ``target`` holds no ``ResNet``, or no tensor fits; and see :func:`load_encoder_checkpoint`.
+    """
+    path = os.fspath(checkpoint)
+    state = load_encoder_checkpoint(path)
+    backbone = next((name for name, m in target.named_modules() if isinstance(m, ResNet)), None)
+    if backbone is None:
+        raise ValueError(f"{type(target).__name__} holds no monai.networks.nets.ResNet to take the encoder of {path}.")
+    prefix = f"{backbone}." if backbone else ""
+    result = target.state_dict()
+    fitting = [k for k in state if prefix + k in result and result[prefix + k].shape == state[k].shape]
+    if not fitting:
+        raise ValueError(f"{path}: no tensor fits the {type(target).__name__} backbone '{backbone}'.")
+    result.update({prefix + k: state[k] for k in fitting})
+    kept = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(result[prefix + k].shape)}" if prefix + k in result else k
+        for k in state.keys() - set(fitting)
+    ]
+    logger.info(f"{path}: exported {len(fitting)} of {len(state)} encoder tensors to {type(target).__name__}"
+                f" '{prefix}*'; left out: [{_quote(kept)}].")
+    if filepath is not None:
+        torch.save(result, filepath)
+    return result
+
+
+class FreezeEncoder:
+    """Ignite handler: no gradient for ``network.encoder`` during the first ``epochs`` epochs of fine-tuning.
+
+    MONAI has no handler to freeze part of a network on a schedule. At every epoch start this sets the encoder's
+    ``requires_grad`` from the epoch number, so a resumed run gets the same schedule. Frozen parameters get no
+    gradient, and the optimizer skips them. Batch-norm statistics still adapt to the new data.
+
+    Args:
+        network: a module with an ``encoder`` attribute.
+        epochs: epochs to keep the encoder frozen; 0 trains it from the start.
+    """
+
+    def __init__(self, network: nn.Module, epochs: int = 0) -> None:
+        self.encoder = network.encoder
+        self.epochs = epochs
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        trainable = engine.state.epoch > self.epochs
+        if trainable != any(p.requires_grad for p in self.encoder.parameters()):
+            logger.info(f"epoch {engine.state.epoch}: encoder {'trainable' if trainable else 'frozen'}.")
+        self.encoder.requires_grad_(trainable)

@@ -1,14 +1,14 @@
 """Benchmarks of the pretraining hot path: view generation, and one step split by component.
 
     python scripts/benchmark_pretrain.py views --image ../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz
-    python scripts/benchmark_pretrain.py step --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
+    python scripts/benchmark_pretrain.py step --method pgl --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
+    python scripts/benchmark_pretrain.py step --method byol --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
 
 Prints figures and ratios (numbers go to docs/benchmarks.md); asserts nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import resource
 import time
 
@@ -28,8 +28,7 @@ from monai.transforms import (
     Resized,
 )
 
-from pgl_bundle import ConsistencyLoss, RandPGLIntensityd, RandPGLViewsd
-from pgl_bundle.networks import Branch, ConvProjectionHead, DualPathNetwork, PGLResNetEncoder, PriorGuidedAligner
+from pgl_bundle import RandPGLIntensityd, RandPGLViewsd
 
 
 def _preprocessed(image: str):
@@ -86,18 +85,23 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def step(layers=(3, 4, 6, 3), patch=(96, 96, 16), batch: int = 2, hidden: int = 4096, repeats: int = 3, threads=None):
-    """One pretraining step split into encoder passes and everything else; peak memory."""
+def _network(method: str, layers, width, block: str, hidden: int, device: torch.device):
+    """The dual-path network, loss and optimizer exactly as configs/pretrain.json (+ pretrain_byol.json) build them."""
+    parser = ConfigParser()
+    parser.read_config(["configs/pretrain.json"] + (["configs/pretrain_byol.json"] if method == "byol" else []))
+    parser.update({"encoder_layers": list(layers), "encoder_width": list(width), "encoder_block": block,
+                   "hidden_channels": hidden, "device": f"$torch.device('{device.type}')"})
+    return parser.get_parsed_content("network"), parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer")
+
+
+def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), block: str = "bottleneck",
+         patch=(96, 96, 16), batch: int = 2, hidden: int = 4096, repeats: int = 3, threads=None):
+    """One pretraining step (``method`` "pgl" or "byol") split into encoder passes and everything else; peak memory."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = PGLResNetEncoder(layers=layers)
-    online = Branch(encoder, ConvProjectionHead(encoder.out_channels[-1], hidden, 256))
-    aligner = PriorGuidedAligner(encoder.output_stride, encoder.feature_offset)
-    net = DualPathNetwork(online, copy.deepcopy(online), ConvProjectionHead(256, hidden, 256), aligner).to(device)
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-4)
-    loss_fn = ConsistencyLoss()
+    net, loss_fn, optimizer = _network(method, layers, width, block, hidden, device)
     views = [torch.rand(batch, 1, *patch, device=device) for _ in range(2)]
     geometry = torch.zeros(batch, 4, 3, device=device)
     geometry[:, 1] = torch.tensor([1.25 * p for p in patch])
@@ -108,13 +112,16 @@ def step(layers=(3, 4, 6, 3), patch=(96, 96, 16), batch: int = 2, hidden: int = 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def ema_update():  # what ignite's EMAHandler does after each iteration
+        with torch.no_grad():
+            for t, o in zip(net.target.parameters(), net.online.parameters()):
+                t.mul_(0.996).add_(o, alpha=0.004)
+
     def full_step():
         optimizer.zero_grad()
         loss_fn(net(*views, geometry, geometry)).backward()
         optimizer.step()
-        with torch.no_grad():  # the EMA update, as ignite's EMAHandler does it
-            for t, o in zip(net.target.parameters(), net.online.parameters()):
-                t.mul_(0.996).add_(o, alpha=0.004)
+        ema_update()
         sync()
 
     both = torch.cat(views)
@@ -128,7 +135,9 @@ def step(layers=(3, 4, 6, 3), patch=(96, 96, 16), batch: int = 2, hidden: int = 
         sync()
 
     projections = net.online.projector(features).detach()
-    aligned = [p.detach() for p in aligner(*projections.chunk(2), geometry, geometry)]
+    aligned = projections.chunk(2)
+    if net.aligner is not None:
+        aligned = [p.detach() for p in net.aligner(*aligned, geometry, geometry)]
 
     def head_passes():
         online = net.online.projector(features.requires_grad_())
@@ -140,10 +149,10 @@ def step(layers=(3, 4, 6, 3), patch=(96, 96, 16), batch: int = 2, hidden: int = 
 
     def aligner_passes():
         maps = [p.clone().requires_grad_() for p in projections.chunk(2)]
-        a1, a2 = aligner(*maps, geometry, geometry)
+        a1, a2 = net.aligner(*maps, geometry, geometry)
         (a1.sum() + a2.sum()).backward()
         with torch.no_grad():
-            aligner(*projections.chunk(2), geometry, geometry)
+            net.aligner(*projections.chunk(2), geometry, geometry)
         sync()
 
     def loss_pass():
@@ -153,29 +162,26 @@ def step(layers=(3, 4, 6, 3), patch=(96, 96, 16), batch: int = 2, hidden: int = 
 
     def optimizer_and_ema():
         optimizer.step()
-        with torch.no_grad():  # the EMA update, as ignite's EMAHandler does it
-            for t, o in zip(net.target.parameters(), net.online.parameters()):
-                t.mul_(0.996).add_(o, alpha=0.004)
+        ema_update()
         sync()
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     total = _timed(full_step, repeats)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    parts = {
-        "encoder passes": _timed(encoder_passes, repeats),
-        "heads": _timed(head_passes, repeats),
-        "aligner": _timed(aligner_passes, repeats),
-        "loss": _timed(loss_pass, repeats),
-        "optimizer + EMA": _timed(optimizer_and_ema, repeats),
-    }
+    parts = {"encoder passes": _timed(encoder_passes, repeats), "heads": _timed(head_passes, repeats)}
+    if net.aligner is not None:
+        parts["aligner"] = _timed(aligner_passes, repeats)
+    parts["loss"] = _timed(loss_pass, repeats)
+    parts["optimizer + EMA"] = _timed(optimizer_and_ema, repeats)
     parts_total = sum(parts.values())
     rest = parts_total - parts["encoder passes"]
-    print(f"device {device}, threads {torch.get_num_threads()}, layers {list(layers)}, patch {list(patch)}, batch {batch}")
+    print(f"{method}: device {device}, threads {torch.get_num_threads()}, layers {list(layers)}, width {list(width)}, "
+          f"patch {list(patch)}, batch {batch}, hidden {hidden}")
     print(f"measured step:   {total * 1000:9.1f} ms (sum of the parts below: {parts_total * 1000:.1f} ms)")
     for name, seconds in parts.items():
         print(f"  {name:16s}{seconds * 1000:9.1f} ms  ({100 * seconds / parts_total:5.1f} % of the parts)")
-    print(f"everything but the encoder: {100 * rest / parts_total:5.1f} %; aligner alone: "
-          f"{100 * parts['aligner'] / parts_total:5.2f} %")
+    aligner_share = 100 * parts.get("aligner", 0.0) / parts_total
+    print(f"everything but the encoder: {100 * rest / parts_total:5.1f} %; aligner alone: {aligner_share:5.2f} %")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak RSS: {rss_after / 1024:.0f} MiB (the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")

@@ -125,3 +125,18 @@ def test_check_catches_the_summary_errors(monkeypatch, wrong_boxes):
     monkeypatch.setattr(aligner_module, "csalign_boxes", wrong_boxes)
     failed = sum(not check_alignment(seed)[0] for seed in range(50))
     assert failed >= 45, f"the alignment check missed a known error in {50 - failed} of 50 seeds"
+
+
+def test_low_precision_features_keep_float32_geometry():
+    """bf16 features (mixed precision) are aligned at float32 positions: the same result as float32, rounded once."""
+    views = RandPGLViewsd("image", roi_size=(96, 96, 16))
+    views.set_random_state(3)
+    out = views({"image": coordinate_volume((200, 180, 40))})
+    features = [F.avg_pool3d(out[k][None], STRIDE, STRIDE) for k in ("view1", "view2")]
+    geometry = [out[k][None] for k in ("view1_geometry", "view2_geometry")]
+    reference = PriorGuidedAligner(STRIDE)(*features, *geometry)
+    low = PriorGuidedAligner(STRIDE)(*(f.bfloat16() for f in features), *geometry)
+    for r, a in zip(reference, low):
+        assert a.dtype == torch.bfloat16
+        # bf16 rounds each value by at most 2^-8 relative; coordinates reach 200 voxels, i.e. <= 0.8 voxel
+        torch.testing.assert_close(a.float(), r, rtol=2**-7, atol=0.0)

@@ -29,6 +29,8 @@ def test_sources(shared_data):
     assert len(load_datalist(str(shared_data / "sts" / "STS_00*" / "CT_image.nii.gz"))) == 9
     dicom = load_datalist(str(shared_data / "abdomen"))
     assert str(shared_data / "abdomen" / "example_ct_dicom_series") in [item["image"] for item in dicom]
+    series = load_datalist(str(shared_data / "abdomen" / "example_ct_dicom_series"))  # the series folder itself
+    assert series == [{"image": str(shared_data / "abdomen" / "example_ct_dicom_series")}]
 
 
 def test_source_errors(tmp_path, shared_data):

@@ -23,6 +23,8 @@ def _is_dicom_series(folder: str) -> bool:
 
 def find_images(folder: str) -> list[str]:
     """Every volume below ``folder``: NIfTI / NRRD / MetaImage files, and DICOM-series folders, sorted."""
+    if _is_dicom_series(folder):
+        return [folder]
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -37,6 +39,9 @@ def find_images(folder: str) -> list[str]:
 def _from_dataset_json(path: str, keys: Sequence[str], sections: Sequence[str]) -> list[dict]:
     with open(path) as f:
         sections_present = json.load(f)
+    if not isinstance(sections_present, dict) or not set(sections) & set(sections_present):
+        found = sorted(sections_present) if isinstance(sections_present, dict) else type(sections_present).__name__
+        raise KeyError(f"{path}: has none of the lists {list(sections)} (found {found}).")
     items: list[dict] = []
     for section in sections:
         if section not in sections_present:
@@ -54,6 +59,7 @@ def load_datalist(
     keys: Sequence[str] = ("image",),
     sections: Sequence[str] = ("training", "validation", "test"),
     num_items: int | None = None,
+    must_exist: bool = True,
 ) -> list[dict]:
     """List the volumes of ``source`` as ``[{"image": path, ...}, ...]``.
 
@@ -64,10 +70,12 @@ def load_datalist(
             a ``dataset.json`` can provide keys other than ``image``.
         sections: the ``dataset.json`` lists to read, in order.
         num_items: keep only the first ``num_items`` items (None: all).
+        must_exist: raise when a listed file does not exist; False leaves that to
+            :func:`~pgl_bundle.data.checks.check_datalist`, which reports every bad file at once.
 
     Raises:
         FileNotFoundError: ``source`` or a listed file does not exist (the message names it).
-        KeyError: a ``dataset.json`` entry lacks one of ``keys``.
+        KeyError: a ``dataset.json`` has none of ``sections``, or an entry lacks one of ``keys``.
         ValueError: ``source`` lists no volume.
     """
     source = os.path.expanduser(str(source))
@@ -86,10 +94,13 @@ def load_datalist(
         raise FileNotFoundError(f"{source}: no such dataset.json, folder or glob match.")
     if num_items is not None:
         items = items[:num_items]
+    if not items and source.endswith(".json"):
+        raise ValueError(f"{source}: its lists {list(sections)} hold no item.")
     if not items:
         raise ValueError(f"{source}: no volumes found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders).")
-    for item in items:
-        for key in keys:
-            if not os.path.exists(item[key]):
-                raise FileNotFoundError(f"{item[key]}: listed as '{key}' in {source}, but it does not exist.")
+    if must_exist:
+        for item in items:
+            for key in keys:
+                if not os.path.exists(item[key]):
+                    raise FileNotFoundError(f"{item[key]}: listed as '{key}' in {source}, but it does not exist.")
     return items

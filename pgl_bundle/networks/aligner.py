@@ -74,7 +74,8 @@ def roi_align_3d(features: torch.Tensor, boxes: torch.Tensor, output_size: Seque
     Output voxel ``k`` along an axis samples the continuous coordinate ``start + (k + 0.5) * (end - start) / n``,
     where the input's voxel ``j`` is centred at ``j + 0.5``. One ``grid_sample`` call for the whole batch;
     points within half a voxel of the map's edge take the edge value. Written here because MONAI and PyTorch
-    only have 2D RoIAlign (torchvision).
+    only have 2D RoIAlign (torchvision). Sampling positions and interpolation are computed in float32 whatever
+    the features' dtype (bf16 keeps only 8 bits of a position), and the result is cast back to it.
 
     Args:
         features: ``(B, C, x, y, z)``.
@@ -85,10 +86,11 @@ def roi_align_3d(features: torch.Tensor, boxes: torch.Tensor, output_size: Seque
         ``(B, C, n_x, n_y, n_z)``.
     """
     batch = features.shape[0]
-    size_in = features.new_tensor(features.shape[2:])
+    boxes = boxes.float()
+    size_in = boxes.new_tensor(features.shape[2:])
     coords = []
     for axis, n in enumerate(output_size):
-        steps = (torch.arange(n, device=features.device, dtype=features.dtype) + 0.5) / n
+        steps = (torch.arange(n, device=features.device, dtype=torch.float32) + 0.5) / n
         start, end = boxes[:, 0, axis : axis + 1], boxes[:, 1, axis : axis + 1]
         coords.append(2 * (start + steps * (end - start)) / size_in[axis] - 1)  # (B, n), grid_sample's [-1, 1]
     shape = (batch, *output_size)
@@ -100,7 +102,8 @@ def roi_align_3d(features: torch.Tensor, boxes: torch.Tensor, output_size: Seque
         ],
         dim=-1,
     )
-    return F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    aligned = F.grid_sample(features.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return aligned.to(features.dtype)
 
 
 class PriorGuidedAligner(nn.Module):
@@ -126,7 +129,7 @@ class PriorGuidedAligner(nn.Module):
     def forward(
         self, features1: torch.Tensor, features2: torch.Tensor, geometry1: torch.Tensor, geometry2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        geometry1, geometry2 = geometry1.to(features1.dtype), geometry2.to(features1.dtype)
+        geometry1, geometry2 = geometry1.float(), geometry2.float()  # box arithmetic in float32, also under AMP
         boxes1, boxes2 = csalign_boxes(geometry1, geometry2, self.output_stride, self.feature_offset)
         size = features1.shape[2:]
         aligned1 = roi_align_3d(flip_align(features1, geometry1[:, GEOMETRY_FLIP]), boxes1, size)

@@ -5,10 +5,14 @@ Sizes and strides are ``(x, y, z)``, slice axis last (see :mod:`pgl_bundle.views
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from monai.networks.nets import ResNet
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["PGLResNetEncoder", "feature_center_offset"]
 
@@ -54,6 +58,13 @@ class PGLResNetEncoder(ResNet):
         stem_kernel: kernel of the single stem convolution.
         stem_stride: stride of the stem; stages 2 to 4 add a stride of 2 on every axis.
         norm: normalisation layer, as MONAI names it.
+        activation_checkpointing: keep only each stage's input during the forward pass and recompute the stage in
+            the backward pass (``torch.utils.checkpoint``): less memory for activations, about one more forward pass
+            of compute. Normalisation statistics are updated once per step, as without it.
+        channels_last: store the convolution weights and run the stages in ``torch.channels_last_3d`` memory
+            format, which cuDNN's 3D convolutions may run faster in (mainly with mixed precision).
+
+    Neither option changes the weights, their names or the results beyond floating-point rounding.
 
     Input ``(B, in_channels, x, y, z)`` with sizes divisible by :attr:`output_stride`; output: a list of the
     stem and the four stage outputs; the last is ``(B, out_channels, x / 16, y / 16, z / 8)``.
@@ -68,6 +79,8 @@ class PGLResNetEncoder(ResNet):
         stem_kernel: Sequence[int] = (7, 7, 3),
         stem_stride: Sequence[int] = (2, 2, 1),
         norm: str | tuple = "batch",
+        activation_checkpointing: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             block=block,
@@ -85,6 +98,10 @@ class PGLResNetEncoder(ResNet):
         self.stage_strides = (tuple(stem_stride), (1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
         expansion = 4 if block == "bottleneck" else 1
         self.out_channels = (block_inplanes[0], *(c * expansion for c in block_inplanes))
+        self.activation_checkpointing = activation_checkpointing
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=self.memory_format)
 
     @property
     def output_stride(self) -> tuple[int, int, int]:
@@ -98,9 +115,30 @@ class PGLResNetEncoder(ResNet):
         return feature_center_offset(self.stage_strides)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.act(self.bn1(self.conv1(x)))
+        x = self.act(self.bn1(self.conv1(x.contiguous(memory_format=self.memory_format))))
         features = [x]
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
+            if recompute:
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=lambda s=stage: _recompute_contexts(s))
+            else:
+                x = stage(x)
             features.append(x)
         return features
+
+
+def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    """``torch.utils.checkpoint`` contexts: nothing around the forward pass; around the recomputation, restore the
+    running statistics of ``module``'s normalisation layers, which the recomputation would otherwise update twice."""
+    return contextlib.nullcontext(), _keep_norm_buffers(module)
+
+
+@contextlib.contextmanager
+def _keep_norm_buffers(module: nn.Module) -> Iterator[None]:
+    saved = [(b, b.clone()) for m in module.modules() if isinstance(m, _NormBase) for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)

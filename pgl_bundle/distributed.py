@@ -1,0 +1,113 @@
+"""Data order and augmentation as functions of ``(seed, epoch, position)``: the same in every process and every resume.
+
+A stock ``DataLoader(shuffle=True)`` draws its order, and MONAI seeds its random transforms, from generator states
+that a checkpoint does not hold, and a plain ignite ``Engine`` resumed mid-epoch restarts that epoch's data from
+its first batch. So a run resumed from a checkpoint would see other batches than the run it continues. Here:
+
+- :class:`ResumableSampler` shuffles with ``seed + epoch`` (PyTorch's ``DistributedSampler``, which also shards the
+  data over the ranks of a multi-process run) and, after a resume, skips the batches the checkpoint already trained on;
+- :class:`EpochSeededDataset` seeds the random transforms before each sample from ``(seed, epoch, index)``, which
+  also makes augmentation independent of the number of DataLoader workers.
+
+MONAI's ``Workflow`` calls ``sampler.set_epoch(epoch)`` at every epoch start (it does for any ``DistributedSampler``);
+:class:`~pgl_bundle.handlers.SkipTrainedBatches` tells the sampler where a resumed epoch starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import ignite.distributed as idist
+import numpy as np
+from monai.data import DistributedSampler
+from monai.utils import MAX_SEED
+from torch.utils.data import Dataset
+
+__all__ = ["EpochSeededDataset", "ResumableSampler", "rank_zero_first"]
+
+T = TypeVar("T")
+
+
+def rank_zero_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in rank 0 before the other ranks, e.g. to write files that they then read.
+
+    ignite's ``one_rank_first`` as a call, because config expressions cannot hold a ``with`` block.
+    """
+    with idist.one_rank_first():
+        return fn(*args, **kwargs)
+
+
+class ResumableSampler(DistributedSampler):
+    """MONAI's ``DistributedSampler`` (order: a permutation seeded by ``seed + epoch``) that can start mid-epoch.
+
+    In a single process it is a reproducible shuffle of the whole dataset; under ``torchrun`` each rank takes every
+    ``num_replicas``-th index of the same permutation. ``set_epoch`` also reaches the dataset when it has one.
+
+    Args:
+        dataset: the dataset to sample from.
+        num_replicas: processes sharing the data; default: the world size (1 outside ``torchrun``).
+        rank: this process's rank; default: the current rank (0 outside ``torchrun``).
+        shuffle: permute the indices every epoch.
+        seed: the permutation's seed (the same on every rank).
+        even_divisible: pad the index list so that every rank gets as many samples (MONAI's meaning).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        even_divisible: bool = True,
+    ) -> None:
+        num_replicas = idist.get_world_size() if num_replicas is None else num_replicas
+        rank = idist.get_rank() if rank is None else rank
+        super().__init__(dataset, even_divisible, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def skip(self, num_samples: int) -> None:
+        """Leave out the first ``num_samples`` indices of the next iteration over this sampler (once)."""
+        self._skip = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self._skip = self._skip, 0
+        return iter(indices[start:])
+
+
+class EpochSeededDataset(Dataset):
+    """Wrap a MONAI dataset so that the random transforms of sample ``index`` in ``epoch`` depend on nothing else.
+
+    Before each item, the dataset's ``transform`` (a ``Compose``) is seeded from ``(seed, epoch, index)``. The epoch
+    is set by :class:`ResumableSampler` before the DataLoader starts its workers, which copy it: use the default
+    ``persistent_workers=False``.
+
+    Args:
+        dataset: a dataset with a ``transform`` that has ``set_random_state`` (MONAI's ``Dataset``, ``CacheDataset``).
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        if not hasattr(getattr(dataset, "transform", None), "set_random_state"):
+            raise TypeError(f"{type(dataset).__name__} has no transform with set_random_state to seed.")
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        self.dataset.transform.set_random_state(seed=int(state) % MAX_SEED)
+        return self.dataset[index]

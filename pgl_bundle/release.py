@@ -1,0 +1,92 @@
+"""Publishing the bundle: ``large_files.yml`` for the released weights, and the zip for ``monai.bundle download``.
+
+    python -m pgl_bundle publish --base_url <release_url>
+    python -m pgl_bundle pack --output dist/pgl_bundle_v0.1.0.zip
+
+where ``<release_url>`` is e.g. ``https://github.com/OWNER/pgl-bundle/releases/download/v0.1.0``, to which the zip
+and the weights are uploaded. Users then fetch both with MONAI's own commands (docs/production.md):
+
+    python -m monai.bundle download --name pgl_bundle --url <release_url>/pgl_bundle_v0.1.0.zip --bundle_dir .
+    python -m monai.bundle download_large_files --bundle_path pgl_bundle
+
+MONAI provides the downloading and the hash checks, not the packing: these two functions are what it lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+
+import yaml
+
+__all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "write_large_files"]
+
+BUNDLE_NAME = "pgl_bundle"
+WEIGHTS = ("models/pretrained_encoder.pt", "models/model.pt")  # pretraining's encoder, fine-tuning's network
+BUNDLE_FILES = ("configs", "docs", "pgl_bundle", "scripts", "large_files.yml", "LICENSE", "README.md", "pyproject.toml")
+_LEFT_OUT = ("__pycache__", ".pyc", ".egg-info", ".pt")
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_large_files(base_url: str, bundle_root: str = ".", output: str | None = None) -> str:
+    """Write the ``large_files.yml`` that ``download_large_files`` reads: each of :data:`WEIGHTS`, its URL and md5.
+
+    Args:
+        base_url: where the weight files are published; a file's URL is ``base_url/<file name>``.
+        bundle_root: the bundle whose ``models/`` holds the weights to publish.
+        output: the file to write; default ``bundle_root/large_files.yml``.
+
+    Returns:
+        the path written.
+
+    Raises:
+        FileNotFoundError: a weight file is missing (the message names it).
+    """
+    entries = []
+    for path in WEIGHTS:
+        local = os.path.join(bundle_root, path)
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"{local}: weights to publish not found; train them first (docs/production.md).")
+        url = f"{base_url.rstrip('/')}/{os.path.basename(path)}"
+        entries.append({"path": path, "url": url, "hash_val": _md5(local), "hash_type": "md5"})
+    output = output or os.path.join(bundle_root, "large_files.yml")
+    with open(output, "w") as f:
+        f.write("# Weights of this bundle, fetched by `python -m monai.bundle download_large_files`.\n")
+        f.write("# Written by `python -m pgl_bundle publish` for the published files.\n")
+        yaml.safe_dump({"large_files": entries}, f, sort_keys=False)
+    return output
+
+
+def pack(output: str, bundle_root: str = ".", name: str = BUNDLE_NAME, large_files: str | None = None) -> str:
+    """Zip the bundle as ``monai.bundle download`` expects: one top folder ``name`` holding the bundle, no weights.
+
+    Args:
+        output: the zip to write (by model-zoo convention ``<name>_v<version>.zip``).
+        bundle_root: the bundle to pack; :data:`BUNDLE_FILES` are taken from it, less caches and ``*.pt`` files.
+        name: the top folder, i.e. the bundle name users download by.
+        large_files: a ``large_files.yml`` to pack instead of the bundle's own (e.g. one written for a release).
+
+    Returns:
+        ``output``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as archive:
+        for entry in BUNDLE_FILES:
+            source = large_files if entry == "large_files.yml" and large_files else os.path.join(bundle_root, entry)
+            if os.path.isfile(source):
+                archive.write(source, f"{name}/{entry}")
+            for folder, dirs, files in os.walk(source):
+                dirs[:] = sorted(d for d in dirs if not d.endswith(_LEFT_OUT))
+                for file in sorted(f for f in files if not f.endswith(_LEFT_OUT)):
+                    path = os.path.join(folder, file)
+                    archive.write(path, f"{name}/{os.path.relpath(path, bundle_root)}")
+        archive.writestr(f"{name}/models/", "")  # where download_large_files puts the weights
+    return output

@@ -1,0 +1,93 @@
+"""Weights distribution: pack the bundle, serve it and its weights over HTTP, fetch them with MONAI's commands."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import subprocess
+import sys
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+import yaml
+from monai.apps.utils import HashCheckError
+from monai.bundle import ConfigParser
+from monai.bundle.scripts import download_large_files
+
+from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
+from pgl_bundle.release import BUNDLE_NAME, WEIGHTS, pack, write_large_files
+
+ENCODER = {"layers": (1, 1, 1, 1), "block": "basic", "block_inplanes": (8, 8, 8, 8)}
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def release(tmp_path, repo_root):
+    """A release on a local HTTP server: tiny weights, their large_files.yml and the bundle zip, all in one folder."""
+    bundle = tmp_path / "release"
+    (bundle / "models").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(PGLResNetEncoder(**ENCODER).state_dict(), bundle / "models" / "pretrained_encoder.pt")
+    torch.save(PGLSegmentationNet(PGLResNetEncoder(**ENCODER), out_channels=2, decoder_channels=(8,) * 5).state_dict(),
+               bundle / "models" / "model.pt")
+    served = bundle / "models"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    large_files = write_large_files(url, bundle_root=str(bundle), output=str(tmp_path / "large_files.yml"))
+    pack(str(served / f"{BUNDLE_NAME}_v0.1.0.zip"), bundle_root=str(repo_root), large_files=large_files)
+    yield served, url
+    server.shutdown()
+    server.server_close()
+
+
+def test_zip_has_one_top_folder_and_no_weights(release):
+    served, _ = release
+    names = zipfile.ZipFile(served / f"{BUNDLE_NAME}_v0.1.0.zip").namelist()
+    assert {n.split("/")[0] for n in names} == {BUNDLE_NAME}
+    for required in ("configs/pretrain.json", "configs/multi_gpu_pretrain.json", "configs/metadata.json",
+                     "large_files.yml", "pgl_bundle/__init__.py", "LICENSE", "models/"):
+        assert f"{BUNDLE_NAME}/{required}" in names, required
+    assert not [n for n in names if n.endswith(".pt") or "__pycache__" in n]
+
+
+def test_download_bundle_and_weights_with_hashes_checked(release, tmp_path):
+    served, url = release
+    target = tmp_path / "downloaded"
+    cmd = [sys.executable, "-m", "monai.bundle", "download", "--name", BUNDLE_NAME,
+           "--url", f"{url}/{BUNDLE_NAME}_v0.1.0.zip", "--bundle_dir", str(target)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    bundle = target / BUNDLE_NAME
+    ConfigParser.load_config_files([str(bundle / "configs" / name) for name in ("pretrain.json", "metadata.json")])
+    listed = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert [entry["path"] for entry in listed] == list(WEIGHTS)
+    assert all(entry["hash_type"] == "md5" and len(entry["hash_val"]) == 32 for entry in listed)
+
+    download_large_files(bundle_path=str(bundle))
+    for path in WEIGHTS:
+        assert md5(bundle / path) == md5(served / path.split("/")[-1]), path
+    encoder = PGLResNetEncoder(**ENCODER)
+    encoder.load_state_dict(torch.load(bundle / "models" / "pretrained_encoder.pt", weights_only=True))
+
+    # a tampered file on the server is refused by its md5
+    (bundle / "models" / "model.pt").unlink()
+    (served / "model.pt").write_bytes(b"not the published weights")
+    with pytest.raises(HashCheckError, match="md5 hash check"):
+        download_large_files(bundle_path=str(bundle))
+
+
+def test_publishing_needs_the_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained_encoder.pt"):
+        write_large_files("http://127.0.0.1", bundle_root=str(tmp_path))

@@ -1,0 +1,248 @@
+"""Hostile input: each bad input is refused with an error that names the file and the problem, before training.
+
+Function-level tests on files made here and on copies of real STS CT; bundle-level tests run pretraining over a
+folder with one truncated file, and a resume from a checkpoint of another architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pgl_bundle.data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset
+from pgl_bundle.networks import PGLResNetEncoder
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
+        "hidden_channels": 32, "embedding_channels": 16, "num_workers": 0, "batch_size": 1, "max_epochs": 1}
+
+
+def nifti(path, array, spacing=(1.0, 1.0, 1.0)) -> str:
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+    return str(path)
+
+
+def truncated_copy(source, target) -> str:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return str(target)
+
+
+def problems(items, **kwargs) -> str:
+    with pytest.raises(ValueError) as error:
+        check_datalist(items, **kwargs)
+    return str(error.value)
+
+
+@pytest.fixture()
+def sts(shared_data):
+    return shared_data / "sts"
+
+
+def test_missing_file(tmp_path):
+    missing = str(tmp_path / "nope.nii.gz")
+    assert f"{missing}: does not exist" in problems([{"image": missing}])
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"training": [{"image": "nope.nii.gz"}]}))
+    with pytest.raises(FileNotFoundError, match="nope.nii.gz: listed as 'image'"):
+        load_datalist(str(datalist))
+
+
+def test_corrupt_and_truncated_nifti(tmp_path, sts):
+    truncated = truncated_copy(sts / "STS_001" / "CT_image.nii.gz", tmp_path / "truncated.nii.gz")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(os.urandom(4096))
+    message = problems([{"image": truncated}, {"image": str(corrupt)}])
+    assert message.startswith("2 of 2 datalist items cannot be used")
+    assert f"{truncated}: cannot be read: corrupt, truncated or not an image (EOFError" in message
+    assert f"{corrupt}: cannot be read" in message
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((40, 40), "is a 2D image"), ((40, 40, 1), "is a single 2D slice"), ((40, 40, 20, 3), "is a 4D series of 3")],
+)
+def test_not_a_3d_volume(tmp_path, shape, expected):
+    path = nifti(tmp_path / "wrong.nii.gz", np.zeros(shape, np.float32))
+    assert f"{path}: {expected}" in problems([{"image": path}])
+
+
+def test_volume_smaller_than_the_crop(tmp_path):
+    small = nifti(tmp_path / "small.nii.gz", np.zeros((40, 40, 20), np.int16))
+    assert check_datalist([{"image": small}], min_size=(32, 32, 16)) == [{"image": small}]
+    message = problems([{"image": small}], min_size=(32, 32, 16), pixdim=(2.0, 2.0, 2.0))  # 20 x 20 x 10 resampled
+    assert f"{small}: is smaller than the crop: (20, 20, 10) voxels at pixdim (2.0, 2.0, 2.0)" in message
+
+
+def test_nan_and_infinite_voxels(tmp_path):
+    volume = np.zeros((40, 40, 20), np.float32)
+    volume[1, 2, 3], volume[4, 5, 6] = np.nan, np.inf
+    path = nifti(tmp_path / "nan.nii.gz", volume)
+    assert f"{path}: has 2 NaN or infinite voxel(s)" in problems([{"image": path}])
+
+
+def test_label_outside_the_declared_classes(tmp_path, sts):
+    mask = nib.load(sts / "STS_003" / "CT_mask.nii.gz")
+    values = np.asarray(mask.dataobj).copy()
+    values[0, 0, 0] = 7
+    label = str(tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(values, mask.affine, mask.header), label)
+    item = {"image": str(sts / "STS_003" / "CT_image.nii.gz"), "label": label}
+    message = problems([item], label_key="label", num_classes=2)
+    assert f"{label}: has values outside the declared classes 0..1: 7" in message
+
+
+def test_image_and_label_on_different_grids(tmp_path, sts):
+    other_shape = {"image": str(sts / "STS_001" / "CT_image.nii.gz"), "label": str(sts / "STS_002" / "CT_mask.nii.gz")}
+    assert f"{other_shape['label']}: is on another grid than its image: shape" in problems(
+        [other_shape], label_key="label", num_classes=2
+    )
+    image = nifti(tmp_path / "image.nii.gz", np.zeros((40, 40, 20), np.int16))
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 20), np.uint8), np.eye(4) + np.eye(4, k=3) * 5), shifted)
+    assert f"{shifted}: is on another grid than its image: affines differ" in problems(
+        [{"image": image, "label": str(shifted)}], label_key="label", num_classes=2
+    )
+
+
+def test_real_labelled_pairs_pass(sts):
+    items = load_datalist(str(sts), keys=["image", "label"], num_items=3)
+    assert check_datalist(items, label_key="label", num_classes=2, min_size=(64, 64, 16), num_workers=2) == items
+
+
+def test_bad_items_are_left_out_on_request(tmp_path, sts, caplog):
+    good = {"image": str(sts / "STS_001" / "CT_image.nii.gz")}
+    bad = {"image": truncated_copy(sts / "STS_001" / "CT_image.nii.gz", tmp_path / "truncated.nii.gz")}
+    with caplog.at_level(logging.WARNING):
+        assert check_datalist([good, bad], skip_bad=True) == [good]
+    assert f"leaving out 1 of 2 datalist items:\n  {bad['image']}: cannot be read" in caplog.text
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no volumes found"):
+        load_datalist(str(tmp_path / "empty"))
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match=r"dataset.json: its lists \['training', 'validation', 'test'\] hold no item"):
+        load_datalist(str(datalist))
+    with pytest.raises(ValueError, match="no usable item in a datalist of 1"):
+        check_datalist([{"image": str(tmp_path / "nope.nii.gz")}], skip_bad=True)
+
+
+def test_datalist_with_wrong_keys(tmp_path):
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"training": [{"img": "a.nii.gz", "seg": "b.nii.gz"}]}))
+    with pytest.raises(KeyError, match=r"dataset.json: an entry of 'training' lacks the key\(s\) \['image'\]"):
+        load_datalist(str(datalist))
+    datalist.write_text(json.dumps({"train": [{"image": "a.nii.gz"}]}))
+    with pytest.raises(KeyError, match=r"dataset.json: has none of the lists .* \(found \['train'\]\)"):
+        load_datalist(str(datalist))
+
+
+def test_checkpoint_from_another_architecture(tmp_path):
+    encoder = PGLResNetEncoder(layers=(1, 1, 1, 1), block_inplanes=(8, 8, 8, 8))
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({"network": encoder.state_dict(), "trainer": {"iteration": 1}}, path)
+    assert check_checkpoint(path, {"network": encoder, "trainer": object()}) == path
+    wider = PGLResNetEncoder(layers=(1, 1, 1, 1), block_inplanes=(16, 8, 8, 8))
+    with pytest.raises(ValueError, match=rf"{path}: 'network' was saved from a different architecture.*conv1.weight: "
+                                         r"\(8, 1, 7, 7, 3\) in the file, \(16, 1, 7, 7, 3\) in the network"):
+        check_checkpoint(path, {"network": wider})
+    deeper = PGLResNetEncoder(layers=(2, 1, 1, 1), block_inplanes=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"different architecture.*missing \(\d+\): layer1.1"):
+        check_checkpoint(path, {"network": deeper})
+    with pytest.raises(ValueError, match=r"not a training checkpoint: it holds \['network', 'trainer'\], resuming"):
+        check_checkpoint(path, {"network": encoder, "optimizer": object()})
+    truncated = truncated_copy(tmp_path / "checkpoint.pt", tmp_path / "truncated.pt")
+    with pytest.raises(ValueError, match=f"{truncated}: not a readable checkpoint"):
+        check_checkpoint(truncated, {"network": encoder})
+    with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint to resume from not found"):
+        check_checkpoint(str(tmp_path / "nope.pt"), {"network": encoder})
+
+
+def pretrain(repo_root, bundle_root, data, **overrides) -> subprocess.CompletedProcess:
+    args = [arg for k, v in {**TINY, **overrides}.items() for arg in (f"--{k}", json.dumps(v))]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/pretrain.json",
+           "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle_root), "--dataset_dir", str(data),
+           *args]
+    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def folder_with_a_broken_file(tmp_path_factory, shared_data):
+    """Four small synthetic CTs and a truncated copy of a real one, in one folder."""
+    root = tmp_path_factory.mktemp("hostile")
+    make_synthetic_dataset(str(root / "synthetic"), 4, shape=(64, 64, 24))
+    folder = root / "ct"
+    shutil.copytree(root / "synthetic" / "imagesTr", folder)
+    broken = truncated_copy(shared_data / "unlabeled" / "lung_pet_ct_dx.nii.gz", folder / "broken.nii.gz")
+    return folder, broken
+
+
+def test_pretraining_stops_before_training_and_keeps_earlier_outputs(repo_root, tmp_path, folder_with_a_broken_file):
+    folder, broken = folder_with_a_broken_file
+    (tmp_path / "models").mkdir()
+    earlier = tmp_path / "models" / "pretrained_encoder.pt"
+    earlier.write_bytes(b"weights of an earlier run")
+    result = pretrain(repo_root, tmp_path, folder)
+    assert result.returncode != 0
+    assert "ValueError: 1 of 5 datalist items cannot be used:" in result.stderr
+    assert f"{broken}: cannot be read: corrupt, truncated or not an image" in result.stderr
+    assert "train_loss" not in result.stdout + result.stderr
+    assert earlier.read_bytes() == b"weights of an earlier run"
+    assert os.listdir(tmp_path / "models") == ["pretrained_encoder.pt"]
+
+
+def test_pretraining_skips_the_broken_file_on_request(repo_root, tmp_path, folder_with_a_broken_file):
+    folder, broken = folder_with_a_broken_file
+    result = pretrain(repo_root, tmp_path, folder, skip_bad_volumes=True)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    assert f"leaving out 1 of 5 datalist items:\n  {broken}: cannot be read" in log
+    assert log.count("train_loss:") == 4
+    # resuming with another architecture is refused, naming the checkpoint
+    checkpoint = tmp_path / "models" / "checkpoints" / "checkpoint_final.pt"
+    result = pretrain(repo_root, tmp_path, folder, skip_bad_volumes=True, max_epochs=2, encoder_width=[16, 8, 8, 8],
+                      resume_from=str(checkpoint))
+    assert result.returncode != 0
+    assert f"ValueError: {checkpoint}: 'network' was saved from a different architecture" in result.stderr
+    assert "train_loss" not in result.stdout + result.stderr
+
+
+def test_fine_tuning_and_inference_configs_check_their_data(repo_root, tmp_path, sts):
+    """train.json (and so evaluate.json and MONAI Label's training) and inference.json run the checks above on their
+    datalist when it is built, i.e. before any training or prediction."""
+    from monai.bundle import ConfigParser
+
+    mask = nib.load(sts / "STS_001" / "CT_mask.nii.gz")
+    values = np.asarray(mask.dataobj).copy()
+    values[0, 0, 0] = 3
+    bad_label = str(tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(values, mask.affine, mask.header), bad_label)
+    truncated = truncated_copy(sts / "STS_002" / "CT_image.nii.gz", tmp_path / "image.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [
+        {"image": str(sts / "STS_001" / "CT_image.nii.gz"), "label": bad_label},
+        {"image": truncated, "label": str(sts / "STS_002" / "CT_mask.nii.gz")},
+    ]}))
+    for config, expected in (("train.json", [f"{bad_label}: has values outside", f"{truncated}: cannot be read"]),
+                             ("inference.json", [f"{truncated}: cannot be read"])):
+        parser = ConfigParser()
+        parser.read_config(str(repo_root / "configs" / config))
+        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "dataset.json"),
+                       "label_names": ["background", "tumour"], "num_workers": 0})
+        with pytest.raises(RuntimeError) as error:  # the config parser's error, raised from the check's ValueError
+            parser.get_parsed_content("datalist")
+        cause = error.value.__cause__ or error.value.__context__
+        assert isinstance(cause, ValueError), repr(cause)
+        for line in expected:
+            assert line in str(cause), (config, str(cause))

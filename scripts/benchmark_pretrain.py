@@ -3,6 +3,7 @@
     python scripts/benchmark_pretrain.py views --image ../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz
     python scripts/benchmark_pretrain.py step --method pgl --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
     python scripts/benchmark_pretrain.py step --method byol --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
+    python scripts/benchmark_pretrain.py step --method pgl --batch 32 --amp --peak_tflops 989  # on a GPU
 
 Prints figures and ratios (numbers go to docs/benchmarks.md); asserts nothing.
 """
@@ -16,6 +17,7 @@ import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from torch.utils.flop_counter import FlopCounterMode
 from monai.transforms import (
     Compose,
     CopyItemsd,
@@ -85,23 +87,33 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _network(method: str, layers, width, block: str, hidden: int, device: torch.device):
+def _network(method: str, device: torch.device, **overrides):
     """The dual-path network, loss and optimizer exactly as configs/pretrain.json (+ pretrain_byol.json) build them."""
     parser = ConfigParser()
     parser.read_config(["configs/pretrain.json"] + (["configs/pretrain_byol.json"] if method == "byol" else []))
-    parser.update({"encoder_layers": list(layers), "encoder_width": list(width), "encoder_block": block,
-                   "hidden_channels": hidden, "device": f"$torch.device('{device.type}')"})
+    parser.update({**overrides, "device": f"$torch.device('{device.type}')"})
     return parser.get_parsed_content("network"), parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer")
 
 
 def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), block: str = "bottleneck",
-         patch=(96, 96, 16), batch: int = 2, hidden: int = 4096, repeats: int = 3, threads=None):
-    """One pretraining step (``method`` "pgl" or "byol") split into encoder passes and everything else; peak memory."""
+         patch=(96, 96, 16), batch: int = 2, hidden: int = 4096, repeats: int = 3, threads=None, amp: bool = False,
+         amp_dtype: str = "bfloat16", activation_checkpointing: bool = False, channels_last: bool = False,
+         peak_tflops: float | None = None):
+    """One pretraining step (``method`` "pgl" or "byol") split into encoder passes and everything else; peak memory.
+
+    With ``amp``, every part runs under ``torch.autocast(amp_dtype)`` as the trainer runs it. On CUDA it also prints
+    samples (view pairs) per second and the arithmetic rate (FLOPs of one step counted by PyTorch's
+    ``FlopCounterMode``), as a fraction of ``peak_tflops`` when given (e.g. 989 for an H100 SXM's dense bf16).
+    """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, loss_fn, optimizer = _network(method, layers, width, block, hidden, device)
+    net, loss_fn, optimizer = _network(
+        method, device, encoder_layers=list(layers), encoder_width=list(width), encoder_block=block,
+        hidden_channels=hidden, activation_checkpointing=activation_checkpointing, channels_last=channels_last,
+    )
+    autocast = torch.autocast(device.type, dtype=getattr(torch, amp_dtype), enabled=amp)
     views = [torch.rand(batch, 1, *patch, device=device) for _ in range(2)]
     geometry = torch.zeros(batch, 4, 3, device=device)
     geometry[:, 1] = torch.tensor([1.25 * p for p in patch])
@@ -119,45 +131,52 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
 
     def full_step():
         optimizer.zero_grad()
-        loss_fn(net(*views, geometry, geometry)).backward()
+        with autocast:
+            loss = loss_fn(net(*views, geometry, geometry))
+        loss.backward()
         optimizer.step()
         ema_update()
         sync()
 
     both = torch.cat(views)
-    features = net.online.encoder(both)[-1].detach()
+    with autocast:
+        features = net.online.encoder(both)[-1].detach()
+        projections = net.online.projector(features).detach()
+        aligned = projections.chunk(2)
+        if net.aligner is not None:
+            aligned = [p.detach() for p in net.aligner(*aligned, geometry, geometry)]
 
     def encoder_passes():
-        out = net.online.encoder(both)[-1]
+        with autocast:
+            out = net.online.encoder(both)[-1]
+            with torch.no_grad():
+                net.target.encoder(both)
         out.backward(torch.randn_like(out))
-        with torch.no_grad():
-            net.target.encoder(both)
         sync()
 
-    projections = net.online.projector(features).detach()
-    aligned = projections.chunk(2)
-    if net.aligner is not None:
-        aligned = [p.detach() for p in net.aligner(*aligned, geometry, geometry)]
-
     def head_passes():
-        online = net.online.projector(features.requires_grad_())
-        predicted = net.predictor(online)
-        (online.sum() + predicted.sum()).backward()
-        with torch.no_grad():
-            net.target.projector(features)
+        with autocast:
+            online = net.online.projector(features.requires_grad_())
+            predicted = net.predictor(online)
+            with torch.no_grad():
+                net.target.projector(features)
+        (online.float().sum() + predicted.float().sum()).backward()
         sync()
 
     def aligner_passes():
         maps = [p.clone().requires_grad_() for p in projections.chunk(2)]
-        a1, a2 = net.aligner(*maps, geometry, geometry)
-        (a1.sum() + a2.sum()).backward()
-        with torch.no_grad():
-            net.aligner(*projections.chunk(2), geometry, geometry)
+        with autocast:
+            a1, a2 = net.aligner(*maps, geometry, geometry)
+            with torch.no_grad():
+                net.aligner(*projections.chunk(2), geometry, geometry)
+        (a1.float().sum() + a2.float().sum()).backward()
         sync()
 
     def loss_pass():
         p = torch.cat(aligned).requires_grad_()
-        loss_fn((p, torch.cat(aligned))).backward()
+        with autocast:
+            loss = loss_fn((p, torch.cat(aligned)))
+        loss.backward()
         sync()
 
     def optimizer_and_ema():
@@ -166,7 +185,10 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
         sync()
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     total = _timed(full_step, repeats)
+    peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     parts = {"encoder passes": _timed(encoder_passes, repeats), "heads": _timed(head_passes, repeats)}
     if net.aligner is not None:
@@ -175,15 +197,24 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
     parts["optimizer + EMA"] = _timed(optimizer_and_ema, repeats)
     parts_total = sum(parts.values())
     rest = parts_total - parts["encoder passes"]
-    print(f"{method}: device {device}, threads {torch.get_num_threads()}, layers {list(layers)}, width {list(width)}, "
-          f"patch {list(patch)}, batch {batch}, hidden {hidden}")
+    options = [o for o, on in (("amp " + amp_dtype, amp), ("activation checkpointing", activation_checkpointing),
+                                ("channels-last", channels_last)) if on]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{method}: {name}, layers {list(layers)}, width {list(width)}, patch {list(patch)}, batch {batch}, "
+          f"hidden {hidden}, {', '.join(options) or 'fp32'}")
     print(f"measured step:   {total * 1000:9.1f} ms (sum of the parts below: {parts_total * 1000:.1f} ms)")
     for name, seconds in parts.items():
         print(f"  {name:16s}{seconds * 1000:9.1f} ms  ({100 * seconds / parts_total:5.1f} % of the parts)")
     aligner_share = 100 * parts.get("aligner", 0.0) / parts_total
     print(f"everything but the encoder: {100 * rest / parts_total:5.1f} %; aligner alone: {aligner_share:5.2f} %")
     if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        with FlopCounterMode(display=False) as counter:
+            full_step()
+        tflops = counter.get_total_flops() / total / 1e12
+        share = f" = {100 * tflops / peak_tflops:.1f} % of {peak_tflops:g} TFLOP/s" if peak_tflops else ""
+        print(f"samples/s: {batch / total:.1f} view pairs; {counter.get_total_flops() / 1e12:.2f} TFLOP per step, "
+              f"{tflops:.1f} TFLOP/s{share}")
+        print(f"peak GPU memory of the step: {peak_gpu / 2**20:.0f} MiB")
     print(f"peak RSS: {rss_after / 1024:.0f} MiB (the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")
 
 

@@ -171,7 +171,9 @@ def test_checkpoint_from_another_architecture(tmp_path):
 
 
 def pretrain(repo_root, bundle_root, data, **overrides) -> subprocess.CompletedProcess:
-    args = [arg for k, v in {**TINY, **overrides}.items() for arg in (f"--{k}", json.dumps(v))]
+    # fire reads True / False as booleans, but JSON's true / false as strings (both truthy)
+    values = {k: repr(v) if isinstance(v, bool) else json.dumps(v) for k, v in {**TINY, **overrides}.items()}
+    args = [arg for k, v in values.items() for arg in (f"--{k}", v)]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/pretrain.json",
            "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle_root), "--dataset_dir", str(data),
            *args]

@@ -130,8 +130,8 @@ class PriorGuidedAligner(nn.Module):
         self, features1: torch.Tensor, features2: torch.Tensor, geometry1: torch.Tensor, geometry2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         geometry1, geometry2 = geometry1.float(), geometry2.float()  # box arithmetic in float32, also under AMP
-        boxes1, boxes2 = csalign_boxes(geometry1, geometry2, self.output_stride, self.feature_offset)
-        size = features1.shape[2:]
-        aligned1 = roi_align_3d(flip_align(features1, geometry1[:, GEOMETRY_FLIP]), boxes1, size)
-        aligned2 = roi_align_3d(flip_align(features2, geometry2[:, GEOMETRY_FLIP]), boxes2, size)
-        return aligned1, aligned2
+        boxes = torch.cat(csalign_boxes(geometry1, geometry2, self.output_stride, self.feature_offset))
+        # both views as one batch of 2B: every kernel is launched once, not once per view (GPU steps are short)
+        features = torch.cat([features1, features2])
+        flips = torch.cat([geometry1, geometry2])[:, GEOMETRY_FLIP]
+        return roi_align_3d(flip_align(features, flips), boxes, features.shape[2:]).chunk(2)

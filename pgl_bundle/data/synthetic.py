@@ -74,7 +74,7 @@ def make_synthetic_dataset(
 ) -> str:
     """Write ``num_volumes`` phantoms and an MSD-style ``dataset.json`` to ``output_dir`` (once; kept after).
 
-    Files: ``imagesTr/synth_XXX.nii.gz`` (int16 HU) and ``labelsTr/synth_XXX.nii.gz`` (uint8, ids as in
+    Files: ``imagesTr/synth_<NNN>.nii.gz`` (int16 HU) and ``labelsTr/synth_<NNN>.nii.gz`` (uint8, ids as in
     :data:`SYNTHETIC_LABELS`), RAS affine with ``spacing`` in mm.
 
     Returns:

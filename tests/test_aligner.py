@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from pgl_bundle.networks import aligner as aligner_module
 from pgl_bundle.networks import PriorGuidedAligner
-from pgl_bundle.views import GEOMETRY_END, GEOMETRY_SCALE, GEOMETRY_START, RandPGLViewsd
+from pgl_bundle.networks.encoder import feature_center_offset
+from pgl_bundle.views import GEOMETRY_END, GEOMETRY_FLIP, GEOMETRY_SCALE, GEOMETRY_START, RandPGLViewsd
 
 STRIDE = (16, 16, 8)
 EXACT = 1e-2
@@ -140,3 +141,69 @@ def test_low_precision_features_keep_float32_geometry():
         assert a.dtype == torch.bfloat16
         # bf16 rounds each value by at most 2^-8 relative; coordinates reach 200 voxels, i.e. <= 0.8 voxel
         torch.testing.assert_close(a.float(), r, rtol=2**-7, atol=0.0)
+
+
+def conv_like_features(view: torch.Tensor) -> torch.Tensor:
+    """A flip-symmetric strided "encoder" with a ResNet's centre offset: a box filter of odd size ``stride + 1``,
+    padded by half of it, so feature voxel ``j`` is centred on input voxel ``stride * j`` (offset
+    ``(1 - stride) / 2``, as :func:`~pgl_bundle.networks.encoder.feature_center_offset` says). Channel 3 is 1 where the
+    box lies inside the view and less where it reaches into the padding, whose values the other channels lack."""
+    kernel = tuple(s + 1 for s in STRIDE)
+    padding = tuple(k // 2 for k in kernel)
+    values = F.avg_pool3d(view, kernel, STRIDE, padding, count_include_pad=False)
+    inside = F.avg_pool3d(torch.ones_like(view[:, :1]), kernel, STRIDE, padding, count_include_pad=True)
+    return torch.cat([values, inside], dim=1)
+
+
+def check_offset_alignment(seed: int, shape=(120, 100, 64), roi_size=(64, 64, 32)) -> tuple[float, int, int]:
+    """Worst error (source voxels) of the aligned coordinates where every sample used lies inside both views, the
+    number of such samples, and how many of them lie on axes flipped in exactly one view."""
+    views = RandPGLViewsd("image", roi_size=roi_size)
+    views.set_random_state(seed)
+    out = views({"image": coordinate_volume(shape)})
+    features = [conv_like_features(out[k][None]) for k in ("view1", "view2")]
+    g1, g2 = (out[k][None] for k in ("view1_geometry", "view2_geometry"))
+    offset = feature_center_offset(((16, 16, 8),))
+    a1, a2 = (a[0] for a in PriorGuidedAligner(STRIDE, offset)(*features, g1, g2))
+    interior = (a1[3] > 1 - 1e-5) & (a2[3] > 1 - 1e-5)  # no sample reached a box that touched the padding
+    for box in aligner_module.csalign_boxes(g1, g2, STRIDE, offset):  # nor lay beyond an edge voxel's centre
+        for axis in range(3):
+            m = a1.shape[1 + axis]
+            positions = box[0, 0, axis] + (torch.arange(m) + 0.5) * (box[0, 1, axis] - box[0, 0, axis]) / m
+            inside = (positions >= 0.5 - 1e-4) & (positions <= m - 0.5 + 1e-4)
+            interior &= inside.view([m if a == axis else 1 for a in range(3)])
+    start = torch.maximum(g1[0, GEOMETRY_START], g2[0, GEOMETRY_START])
+    end = torch.minimum(g1[0, GEOMETRY_END], g2[0, GEOMETRY_END])
+    worst, mixed = 0.0, 0
+    for axis in range(3):
+        m = a1.shape[1 + axis]
+        view_shape = [1, 1, 1]
+        view_shape[axis] = m
+        expected = (start[axis] + (torch.arange(m) + 0.5) * (end[axis] - start[axis]) / m).view(view_shape)
+        for a in (a1, a2):
+            worst = max([worst, *(a[axis] - expected).abs()[interior].tolist()])
+        if g1[0, GEOMETRY_FLIP, axis] != g2[0, GEOMETRY_FLIP, axis]:
+            mixed += int(interior.sum())
+    return worst, int(interior.sum()), mixed
+
+
+def _boxes_without_mirroring(geometry1, geometry2, output_stride, feature_offset=(0.0, 0.0, 0.0)):
+    """The injected bug: the centre offset applied as if no axis were flipped."""
+    unflipped = [g.clone() for g in (geometry1, geometry2)]
+    for g in unflipped:
+        g[:, GEOMETRY_FLIP] = 0.0
+    return _real_csalign(unflipped[0], unflipped[1], output_stride, feature_offset)
+
+
+def test_centre_offset_is_mirrored_on_flipped_axes(monkeypatch):
+    """With a non-zero centre offset (-7.5, -7.5, -3.5 voxels, ResNet-50's), a view flipped along an axis where the
+    other is not is still aligned exactly: its offset points the other way. Without the mirroring the same check
+    fails by about ``2 * 7.5 / resize factor`` source voxels."""
+    results = [check_offset_alignment(seed) for seed in range(40)]
+    worst = max(r[0] for r in results)
+    assert worst <= EXACT, f"aligned coordinates off by {worst:.3f} source voxels"
+    assert sum(r[1] for r in results) > 150 and sum(r[2] for r in results) > 200, "too few samples to mean much"
+    monkeypatch.setattr(aligner_module, "csalign_boxes", _boxes_without_mirroring)
+    broken = [check_offset_alignment(seed) for seed in range(40)]
+    caught = [b[0] > 2.0 for b, r in zip(broken, results) if r[2]]
+    assert sum(caught) >= 0.8 * len(caught), "the check misses an unmirrored offset"

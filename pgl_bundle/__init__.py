@@ -10,17 +10,21 @@ Where each concept of the paper lives:
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`
 - data and its checks: :mod:`pgl_bundle.data`
 - resume and multi-process runs: :mod:`pgl_bundle.handlers`, :mod:`pgl_bundle.distributed`
+- one run per output folder: :mod:`pgl_bundle.run_folder`; errors the user fixes: :mod:`pgl_bundle.errors`
 - publishing weights: :mod:`pgl_bundle.release`
 """
 
-from .data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset, resolve_dataset
+from .data import check_checkpoint, check_datalist, check_epoch_length, load_datalist, make_synthetic_dataset
+from .data import resolve_dataset
 from .distributed import EpochSeededDataset, ResumableSampler
+from .errors import UserError, report_user_errors_last
 from .ema import TargetMomentumSchedule, byol_momentum
 from .engine import PrepareViews
-from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, latest_checkpoint, resolve_resume
+from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, check_free_space, latest_checkpoint, resolve_resume
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency
 from .optimizers import LARS
+from .run_folder import RunFolder
 from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
 from .views import RandPGLViewsd
 

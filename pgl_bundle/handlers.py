@@ -1,79 +1,264 @@
-"""Checkpointing that survives a kill: atomic saves, the newest loadable checkpoint, and the data position to resume at.
+"""Checkpointing that survives a kill and a full disk: atomic saves, the newest checkpoint of the same run, free-space
+checks, and the data position to resume at.
 
-Three gaps in the stock parts, each closed here:
+Gaps in the stock parts, each closed here:
 
-- MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)`` (for the file permissions, which
-  ignite 0.5 now sets itself), so a process killed while saving leaves a truncated checkpoint under the real name;
-  :class:`AtomicCheckpointSaver` writes to a temporary file in the same folder and renames it, as ignite does.
-- Nothing picks the checkpoint to resume from: :func:`latest_checkpoint` takes the loadable one with the most
-  iterations.
+- MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)``, so a process killed while saving
+  leaves a truncated checkpoint under the real name; ignite's atomic mode leaves its temporary file behind when the
+  disk fills up (the error comes from closing the file, after which its clean-up is skipped); and ignite's
+  ``Checkpoint`` deletes the oldest file *before* writing the new one, so a failed save can leave none.
+  :class:`AtomicCheckpointSaver` writes to a temporary file that is removed on any failure, renames it, and only
+  then removes the file it replaces. Its final checkpoint is a hard link to the last interval checkpoint when both
+  hold the same state (no file written twice).
+- Nothing checks the disk before training: :func:`check_free_space` estimates every saver's needs from the network
+  and optimizer sizes and stops before the first step when they do not fit.
+- Nothing picks the checkpoint to resume from: :func:`latest_checkpoint` takes the loadable one of the same run
+  (:class:`~pgl_bundle.run_folder.RunFolder`) with the most iterations.
 - A plain ignite ``Engine`` resumed mid-epoch starts that epoch's data from its first batch:
   :class:`SkipTrainedBatches` makes :class:`~pgl_bundle.distributed.ResumableSampler` skip the batches already done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Mapping, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
+from torch import nn
 
 from pgl_bundle.distributed import ResumableSampler
+from pgl_bundle.errors import DiskSpaceError
+from pgl_bundle.run_folder import read_run_id
 
-__all__ = ["AtomicCheckpointSaver", "SkipTrainedBatches", "latest_checkpoint", "resolve_resume"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "SkipTrainedBatches",
+    "check_free_space",
+    "checkpoint_bytes",
+    "latest_checkpoint",
+    "resolve_resume",
+]
 
 logger = logging.getLogger(__name__)
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` whose files are written atomically: whole, or not at all.
 
-    Each file is serialised to a temporary file in ``save_dir`` and renamed over its name (``os.replace``, atomic
-    on POSIX), so a checkpoint file is never partly written, whenever the process dies. A kill during a save leaves
-    the previous files intact and a stray ``tmp*`` file. Same arguments as ``CheckpointSaver``.
+def _size(num_bytes: float) -> str:
+    """``"916 MB"``, ``"2.68 GB"``: a size for a message."""
+    return f"{num_bytes / 1024**3:.2f} GB" if num_bytes >= 1024**3 else f"{num_bytes / 1024**2:.0f} MB"
+
+
+def _free_bytes(folder: str) -> tuple[int, str]:
+    """Free bytes on the disk that holds ``folder`` (or would: its nearest existing parent), and that parent."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free, existing
+
+
+class _SafeDiskSaver(DiskSaver):
+    """ignite's ``DiskSaver`` (with MONAI's fixed file name) that leaves no temporary file and never less than the
+    previous checkpoint: files it is asked to remove are removed only after the next save succeeded."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+        self._to_remove: list[str] = []
+        self.last_saved: str | None = None
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() != self.save_on_rank:
+            return
+        path = os.path.join(self.dirname, self.filename or filename)
+        fd, temporary = tempfile.mkstemp(dir=self.dirname, prefix="tmp", suffix=".pt.partial")
+        try:
+            with os.fdopen(fd, "wb") as f:  # closing flushes: a full disk may only show here, inside the try
+                torch.save(checkpoint, f)
+            os.replace(temporary, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            if isinstance(e, OSError) and not isinstance(e, DiskSpaceError):
+                free, _ = _free_bytes(self.dirname)
+                raise DiskSpaceError(
+                    e.errno,
+                    f"{path}: saving the checkpoint failed ({e.strerror or e}); {_size(free)} free on that "
+                    f"disk. Nothing was left half-written. Last good checkpoint here: "
+                    f"{self.last_saved or 'none yet'}. Free some space (or set --ckpt_dir to another disk), then "
+                    "continue with --resume_from latest.",
+                ) from e
+            raise
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)  # as ignite's atomic save does
+        self.last_saved = path
+        for name in self._to_remove:
+            name = os.path.join(self.dirname, self.filename or name)
+            if name != path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(name)
+        self._to_remove = []
+
+    def remove(self, filename: str) -> None:
+        self._to_remove.append(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose files are written whole or not at all, and never twice.
+
+    - Each file is serialised to a temporary ``tmp*.pt.partial`` file in ``save_dir`` and renamed over its name
+      (``os.replace``, atomic on POSIX); on any error (a full disk) the temporary file is removed and a
+      :class:`~pgl_bundle.errors.DiskSpaceError` names the file, the free space and the last good checkpoint. Only a
+      kill during a save leaves a temporary file, and the previous files intact.
+    - With ``n_saved`` files kept, the oldest is removed after the next one is written, not before.
+    - The final checkpoint is a hard link to the last interval checkpoint when that holds the same trainer iteration
+      (the usual end of a run: the last epoch's checkpoint), so the state is on disk once.
+
+    Same arguments as ``CheckpointSaver``.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._last_interval: tuple[int, str] | None = None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler._atomic = True  # MONAI builds its DiskSaver with atomic=False
+                checkpoint.save_handler = _SafeDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        self._last_interval = (engine.state.iteration, self._interval_checkpoint.save_handler.last_saved)
+
+    def completed(self, engine: Engine) -> None:
+        if self._last_interval is None or self._last_interval[0] != engine.state.iteration:
+            return super().completed(engine)
+        source = self._last_interval[1]
+        final = os.path.join(self.save_dir, self._final_filename)
+        linked = os.path.join(self.save_dir, f"tmp.{os.getpid()}.link")
+        try:
+            os.link(source, linked)
+            os.replace(linked, final)
+        except OSError as e:  # no hard links on this file system: write the file
+            logger.info(f"cannot link {final} to {source} ({e}); saving it.")
+            with contextlib.suppress(OSError):
+                os.remove(linked)
+            return super().completed(engine)
+        logger.info(f"Train completed, final checkpoint {final}: the same state as {source} (hard link, no copy).")
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        if isinstance(e, DiskSpaceError):  # saving a final checkpoint would fail the same way
+            raise e
+        super().exception_raised(engine, e)
+
+    def bytes_needed(self) -> int:
+        """Disk space this saver may hold at once: :func:`checkpoint_bytes` of its ``save_dict`` per file kept, plus
+        one for the temporary file of the save in progress (interval savers; the final checkpoint is written when
+        no interval save is under way, or is a link)."""
+        files = (self._interval_checkpoint.n_saved + 1) if self._interval_checkpoint is not None else 1
+        return checkpoint_bytes(self.save_dict) * files
 
 
-def _trained_iterations(path: str) -> int | None:
-    """The trainer iteration stored in the checkpoint at ``path``, or None when it cannot be read."""
-    try:  # mmap: the tensors are not read, only the small trainer entry is
+def checkpoint_bytes(save_dict: Mapping[str, object]) -> int:
+    """Upper estimate of the size of a checkpoint of ``save_dict``, before any training step.
+
+    Modules: every tensor of their ``state_dict``. Optimizers: their current state, but at least two tensors the
+    size of each parameter they update (Adam's two moments; SGD's momentum and LARS keep one, so this over-counts
+    them), since optimizers create their state at the first step. Other entries (trainer, scheduler, run identity)
+    are a few kilobytes; pickling adds well under 1 %. Both are covered by a 1 MB margin.
+    """
+    total = 1 << 20
+    for obj in save_dict.values():
+        if isinstance(obj, nn.Module):
+            total += sum(t.numel() * t.element_size() for t in obj.state_dict().values() if torch.is_tensor(t))
+        elif isinstance(obj, torch.optim.Optimizer):
+            state = sum(
+                t.numel() * t.element_size() for s in obj.state.values() for t in s.values() if torch.is_tensor(t)
+            )
+            params = sum(p.numel() * p.element_size() for g in obj.param_groups for p in g["params"])
+            total += max(state, 2 * params)
+    return total
+
+
+def check_free_space(savers: Sequence[object]) -> int:
+    """Stop before training when the checkpoints of ``savers`` cannot fit on their disks; return the bytes needed.
+
+    Sums :meth:`AtomicCheckpointSaver.bytes_needed` per disk (other handlers in ``savers`` are ignored) and compares
+    it with the free space (``shutil.disk_usage``). Files already present are not counted as reusable, so the check
+    errs on the safe side when resuming.
+
+    Raises:
+        DiskSpaceError: a disk has less free space than its savers need; the message gives both and the files.
+    """
+    needs: dict[str, list] = {}
+    for saver in savers:
+        if isinstance(saver, AtomicCheckpointSaver):
+            free, disk = _free_bytes(saver.save_dir)
+            needs.setdefault(disk, [free, 0, []])
+            needs[disk][1] += saver.bytes_needed()
+            needs[disk][2].append(saver.save_dir)
+    for disk, (free, need, folders) in needs.items():
+        logger.info(
+            f"checkpoints in {sorted(set(folders))}: up to {_size(need)} at once, {_size(free)} free."
+        )
+        if need > free:
+            raise DiskSpaceError(
+                28,
+                f"not enough free disk space for the checkpoints in {sorted(set(folders))}: they need up to "
+                f"{_size(need)} at once (network and optimizer state, times the files kept plus one being "
+                f"written), and {disk} has {_size(free)} free. Free some space, set --ckpt_dir to another "
+                "disk, or save less often (checkpoint_every_n_iterations 0).",
+            )
+    return sum(need for _, need, _ in needs.values())
+
+
+def _checkpoint_run(path: str) -> tuple[int, str | None] | None:
+    """The trainer iteration and the run id stored in the checkpoint at ``path``; None when it cannot be read."""
+    try:  # mmap: the tensors are not read, only the small trainer and run entries
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint["trainer"]["iteration"])
+        return int(checkpoint["trainer"]["iteration"]), checkpoint.get("run", {}).get("run_id")
     except Exception as e:  # truncated, foreign or partial files are skipped, whatever torch raises for them
         logger.warning(f"{path}: skipped, not a loadable training checkpoint ({type(e).__name__}: {e}).")
         return None
 
 
-def latest_checkpoint(directory: str) -> str:
+def latest_checkpoint(directory: str, run_id: str | None = None) -> str:
     """The loadable ``*.pt`` training checkpoint in ``directory`` with the most trained iterations ("" if none).
+
+    Args:
+        directory: the checkpoints folder.
+        run_id: only checkpoints written by this run count (others are skipped with a warning); None: any.
 
     Files that do not load (e.g. truncated by a kill during a non-atomic save) are skipped with a warning; ties go
     to the most recently written file.
     """
     found = []
     for path in glob.glob(os.path.join(directory, "*.pt")):
-        iterations = _trained_iterations(path)
-        if iterations is not None:
-            found.append((iterations, os.path.getmtime(path), path))
+        stored = _checkpoint_run(path)
+        if stored is None:
+            continue
+        if run_id is not None and stored[1] != run_id:
+            logger.warning(f"{path}: skipped, written by run {stored[1]}, not by this folder's run {run_id}.")
+            continue
+        found.append((stored[0], os.path.getmtime(path), path))
     return max(found)[2] if found else ""
 
 
 def resolve_resume(resume_from: str, directory: str) -> str:
     """The checkpoint to resume from: ``resume_from`` itself, or for ``"latest"`` :func:`latest_checkpoint` of
-    ``directory`` ("" when there is none yet, so that a first run starts from scratch)."""
+    ``directory`` among those of the run recorded in its ``run.json`` ("" when there is none yet, so that a first
+    run starts from scratch)."""
     if resume_from != "latest":
         return resume_from
-    path = latest_checkpoint(directory)
-    logger.info(f"resume_from latest: {path or 'no checkpoint in ' + directory + ', starting from scratch'}.")
+    run_id = read_run_id(os.path.join(directory, "run.json"))
+    path = latest_checkpoint(directory, run_id)
+    logger.info(f"resume_from latest: {path or 'no checkpoint of this run in ' + directory + ', starting from scratch'}.")
     return path
 
 

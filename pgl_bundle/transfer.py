@@ -19,6 +19,8 @@ from ignite.engine import Engine, Events
 from monai.networks.nets import ResNet
 from torch import nn
 
+from pgl_bundle.errors import require_file
+
 __all__ = ["FreezeEncoder", "export_encoder", "load_encoder_checkpoint", "load_pretrained_encoder"]
 
 logger = logging.getLogger(__name__)
@@ -35,13 +37,12 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an encoder checkpoint: a ``state_dict`` mapping parameter and buffer names to tensors, loaded on the CPU.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist (the message says what its folder holds instead).
         ValueError: ``path`` is not a PyTorch file of tensors only, or holds something other than a ``state_dict``
             (e.g. a training checkpoint ``{"network": ..., "optimizer": ...}``); the message names the file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: encoder checkpoint not found.")
+    require_file(path, "encoder checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated, foreign or unsafe pickles

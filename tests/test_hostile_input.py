@@ -142,10 +142,10 @@ def test_empty_dataset(tmp_path):
 def test_datalist_with_wrong_keys(tmp_path):
     datalist = tmp_path / "dataset.json"
     datalist.write_text(json.dumps({"training": [{"img": "a.nii.gz", "seg": "b.nii.gz"}]}))
-    with pytest.raises(KeyError, match=r"dataset.json: an entry of 'training' lacks the key\(s\) \['image'\]"):
+    with pytest.raises(ValueError, match=r"dataset.json: an entry of 'training' lacks the key\(s\) \['image'\]"):
         load_datalist(str(datalist))
     datalist.write_text(json.dumps({"train": [{"image": "a.nii.gz"}]}))
-    with pytest.raises(KeyError, match=r"dataset.json: has none of the lists .* \(found \['train'\]\)"):
+    with pytest.raises(ValueError, match=r"dataset.json: has none of the lists .* \(found \['train'\]\)"):
         load_datalist(str(datalist))
 
 
@@ -192,14 +192,19 @@ def folder_with_a_broken_file(tmp_path_factory, shared_data):
 
 
 def test_pretraining_stops_before_training_and_keeps_earlier_outputs(repo_root, tmp_path, folder_with_a_broken_file):
+    """Even with --overwrite True, nothing is moved or written when the input checks fail; and the error is the last
+    thing printed, after MONAI's wrapping traceback."""
     folder, broken = folder_with_a_broken_file
     (tmp_path / "models").mkdir()
     earlier = tmp_path / "models" / "pretrained_encoder.pt"
     earlier.write_bytes(b"weights of an earlier run")
-    result = pretrain(repo_root, tmp_path, folder)
+    result = pretrain(repo_root, tmp_path, folder, overwrite=True)
     assert result.returncode != 0
-    assert "ValueError: 1 of 5 datalist items cannot be used:" in result.stderr
+    assert "BadInputError: 1 of 5 datalist items cannot be used:" in result.stderr
     assert f"{broken}: cannot be read: corrupt, truncated or not an image" in result.stderr
+    tail = result.stderr.strip().splitlines()[-3:]
+    assert tail[0] == "ERROR: BadInputError: 1 of 5 datalist items cannot be used:", tail
+    assert tail[1].startswith(f"  {broken}: cannot be read") and tail[-1].startswith("Fix or remove them"), tail
     assert "train_loss" not in result.stdout + result.stderr
     assert earlier.read_bytes() == b"weights of an earlier run"
     assert os.listdir(tmp_path / "models") == ["pretrained_encoder.pt"]
@@ -217,7 +222,7 @@ def test_pretraining_skips_the_broken_file_on_request(repo_root, tmp_path, folde
     result = pretrain(repo_root, tmp_path, folder, skip_bad_volumes=True, max_epochs=2, encoder_width=[16, 8, 8, 8],
                       resume_from=str(checkpoint))
     assert result.returncode != 0
-    assert f"ValueError: {checkpoint}: 'network' was saved from a different architecture" in result.stderr
+    assert f"BadInputError: {checkpoint}: 'network' was saved from a different architecture" in result.stderr
     assert "train_loss" not in result.stdout + result.stderr
 
 

@@ -4,8 +4,10 @@ MONAI's loaders fail on a bad file when the first batch that holds it is built (
 caching, inside a long traceback), and they do not fail at all on NaN voxels, on a 4D series where a 3D volume is
 expected or on a label map on another grid than its image. :func:`check_datalist` reads every item of a datalist once,
 with the readers the pipeline uses (``LoadImage``), and collects every problem of every file before deciding:
-raise one error that lists them all, or leave the bad items out with a warning. :func:`check_checkpoint` does the
-same for a checkpoint to resume from.
+raise one error that lists them all, or leave the bad items out with a warning. The same pass warns about volumes
+whose intensities do not look like Hounsfield units (an error with ``require_hu``), refuses DICOM folders holding
+several series, and logs how many volumes were found and their shape and spacing ranges. :func:`check_checkpoint`
+checks a checkpoint to resume from, :func:`check_epoch_length` that the data makes at least one batch.
 
 Sizes are ``(x, y, z)`` in voxels of the RAS-oriented array, as everywhere in this package.
 """
@@ -23,8 +25,12 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, Orientation
 from torch import nn
+from torch.utils.data import DataLoader
 
-__all__ = ["check_checkpoint", "check_datalist", "check_image", "check_label"]
+from pgl_bundle.data.datalist import dicom_series
+from pgl_bundle.errors import BadInputError, require_file
+
+__all__ = ["check_checkpoint", "check_datalist", "check_epoch_length", "check_hounsfield", "check_image", "check_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,14 @@ def _load(path: str) -> MetaTensor:
 def _read(path: str) -> tuple[MetaTensor | None, list[str]]:
     if not os.path.exists(path):
         return None, ["does not exist"]
+    if os.path.isdir(path):
+        series = dicom_series(path)
+        if len(series) > 1:
+            listing = "; ".join(f"{uid} ({description}, {n} files)" for uid, description, n in series)
+            return None, [
+                f"holds {len(series)} DICOM series, where one volume is expected: {listing}. Put each series in "
+                "a folder of its own."
+            ]
     try:
         return _load(path), []
     except Exception as e:  # readers raise many types for truncated, corrupt or foreign files
@@ -83,6 +97,22 @@ def check_image(
     return problems
 
 
+AIR_HU = -900.0  # a CT volume has air (about -1000 HU) or lung (about -850) somewhere; MR or PET values do not
+
+
+def check_hounsfield(image: MetaTensor) -> str:
+    """Why ``image``'s values do not look like Hounsfield units ("" when they do): no voxel at or below
+    :data:`AIR_HU` (no air), e.g. MR, PET, or CT stored without its rescale intercept (all values positive)."""
+    low, high = float(image.min()), float(image.max())
+    if low <= AIR_HU:
+        return ""
+    why = "all values are non-negative" if low >= 0 else f"no voxel at or below {AIR_HU:g} (no air)"
+    return (
+        f"intensities {low:g}..{high:g} do not look like CT in Hounsfield units: {why}. MR, PET or CT without its "
+        "rescale intercept? The HU window (hu_window) would clip it."
+    )
+
+
 def check_label(label: MetaTensor, num_classes: int, image: MetaTensor | None = None) -> list[str]:
     """The problems of one loaded label map: values outside ``0 .. num_classes - 1``, or another grid than ``image``.
 
@@ -113,18 +143,33 @@ def check_label(label: MetaTensor, num_classes: int, image: MetaTensor | None = 
 
 def _check_item(
     item: Mapping, image_key: str, label_key: str | None, num_classes: int | None, **image_checks
-) -> list[str]:
-    """Every problem of one datalist item, each prefixed with the file it is about."""
+) -> tuple[list[str], list[str], tuple | None]:
+    """One datalist item: its problems and warnings, each prefixed with its file, and the image's shape and
+    spacing ``((x, y, z), (sx, sy, sz))`` (None if it cannot be read)."""
     image, problems = _read(str(item[image_key]))
     report = [f"{item[image_key]}: {p}" for p in problems]
+    warnings, geometry = [], None
     if image is not None:
         report += [f"{item[image_key]}: {p}" for p in check_image(image, **image_checks)]
+        not_hu = check_hounsfield(image) if image.ndim == 4 else ""
+        warnings += [f"{item[image_key]}: {not_hu}"] if not_hu else []
+        geometry = (tuple(image.shape[1:]), tuple(affine_to_spacing(image.affine, r=3).tolist()))
     if label_key is not None:
         label, problems = _read(str(item[label_key]))
         if label is not None:
             problems = check_label(label, num_classes, image)
         report += [f"{item[label_key]}: {p}" for p in problems]
-    return report
+    return report, warnings, geometry
+
+
+def _summary(geometries: Sequence[tuple]) -> str:
+    """``"shapes (x, y, z) from ... to ..., spacing from ... to ... mm"`` of ``[(shape, spacing), ...]``."""
+    shapes, spacings = (np.array([g[i] for g in geometries]) for i in (0, 1))
+    return (
+        f"shape from {tuple(int(v) for v in shapes.min(0))} to {tuple(int(v) for v in shapes.max(0))} voxels, "
+        f"spacing from {tuple(round(float(v), 2) for v in spacings.min(0))} to "
+        f"{tuple(round(float(v), 2) for v in spacings.max(0))} mm"
+    )
 
 
 def check_datalist(
@@ -137,12 +182,16 @@ def check_datalist(
     channels: int = 1,
     skip_bad: bool = False,
     num_workers: int = 1,
+    require_hu: bool = False,
 ) -> list[dict]:
     """Read every file of ``datalist`` once and check it; return the usable items.
 
-    Checked: the file exists and reads completely; the image is one 3D volume (not 2D, not a slice, not a 4D series)
-    of ``channels`` channels, at least ``min_size`` after resampling to ``pixdim``, without NaN or infinite voxels;
-    with ``label_key``, the label map's values are classes ``0 .. num_classes - 1`` and it lies on its image's grid.
+    Checked: the file exists and reads completely; a folder holds one DICOM series; the image is one 3D volume (not
+    2D, not a slice, not a 4D series) of ``channels`` channels, at least ``min_size`` after resampling to
+    ``pixdim``, without NaN or infinite voxels; with ``label_key``, the label map's values are classes
+    ``0 .. num_classes - 1`` and it lies on its image's grid. Images whose values do not look like Hounsfield units
+    (:func:`check_hounsfield`) are warned about, one line per file. Logs the number of volumes and their shape and
+    spacing ranges.
 
     Args:
         datalist: items ``{image_key: path[, label_key: path]}`` (:func:`~pgl_bundle.data.load_datalist`).
@@ -152,33 +201,70 @@ def check_datalist(
         min_size, pixdim, channels: see :func:`check_image`.
         skip_bad: leave bad items out (with a warning that lists them) instead of raising.
         num_workers: threads reading files.
+        require_hu: treat an image that does not look like Hounsfield units as a problem, not a warning.
 
     Returns:
         the items without problems, in their order.
 
     Raises:
-        ValueError: (without ``skip_bad``) any item has a problem; the message lists every file and its problem.
+        BadInputError: (without ``skip_bad``) any item has a problem; the message lists every file and its problem.
             Also when no item is left, e.g. an empty datalist.
     """
     if label_key is not None and num_classes is None:
         raise ValueError("check_datalist: num_classes is required to check labels.")
     checks = {"min_size": min_size, "pixdim": pixdim, "channels": channels}
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        reports = list(pool.map(lambda i: _check_item(i, image_key, label_key, num_classes, **checks), datalist))
+        results = list(pool.map(lambda i: _check_item(i, image_key, label_key, num_classes, **checks), datalist))
+    reports = [report + (warnings if require_hu else []) for report, warnings, _ in results]
+    warnings = [] if require_hu else [line for _, lines, _ in results for line in lines]
+    if warnings:
+        listing = "\n  ".join(warnings)
+        logger.warning(
+            f"{len(warnings)} of {len(datalist)} volumes may not be CT in Hounsfield units (--require_hu True makes "
+            f"this an error):\n  {listing}"
+        )
     good = [dict(item) for item, report in zip(datalist, reports) if not report]
     problems = [line for report in reports for line in report]
     if problems:
         listing = "\n  ".join(problems)
         bad = len(datalist) - len(good)
         if not skip_bad:
-            raise ValueError(
+            raise BadInputError(
                 f"{bad} of {len(datalist)} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave "
                 "them out with skip_bad=True (config key skip_bad_volumes)."
             )
         logger.warning(f"leaving out {bad} of {len(datalist)} datalist items:\n  {listing}")
     if not good:
-        raise ValueError(f"no usable item in a datalist of {len(datalist)}.")
+        raise BadInputError(f"no usable item in a datalist of {len(datalist)}.")
+    geometries = [g for (report, _, g) in results if g is not None and not report]
+    logger.info(f"{len(good)} volumes to use: {_summary(geometries)}.")
     return good
+
+
+def check_epoch_length(dataloader: DataLoader) -> int:
+    """Log how many volumes, batches per epoch and volumes left out each epoch ``dataloader`` has; return the batches.
+
+    Raises:
+        BadInputError: no batch can be formed (fewer volumes than one batch with ``drop_last``), which would make
+            ignite skip training and the run end "successfully" with nothing written.
+    """
+    volumes, batch = len(dataloader.dataset), dataloader.batch_size
+    iterations = len(dataloader)
+    per_process = len(dataloader.sampler) if dataloader.sampler is not None else volumes
+    if iterations == 0:
+        raise BadInputError(
+            f"no training batch can be formed: {per_process} volume(s) per process, batch size {batch}, drop_last "
+            f"{dataloader.drop_last}. Add volumes, or lower batch_size to at most {per_process}."
+        )
+    left_out = per_process - iterations * batch if dataloader.drop_last else 0
+    logger.info(
+        f"{volumes} volumes, batch size {batch}: {iterations} iterations per epoch"
+        + (f"; {left_out} volume(s) left out of each epoch (drop_last)" if left_out else "")
+        + "."
+    )
+    if left_out:
+        logger.warning(f"drop_last leaves {left_out} of {per_process} volumes out of every epoch.")
+    return iterations
 
 
 def check_checkpoint(path: str, load_dict: Mapping[str, object]) -> str:
@@ -192,20 +278,19 @@ def check_checkpoint(path: str, load_dict: Mapping[str, object]) -> str:
         load_dict: what will be loaded from it, as given to ``CheckpointLoader``; modules are compared tensor by tensor.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file does not load, lacks an entry, or a module's tensor names or shapes differ.
+        InputNotFoundError: ``path`` does not exist.
+        BadInputError: the file does not load, lacks an entry, or a module's tensor names or shapes differ.
     """
     if not path:
         return path
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint to resume from not found.")
+    require_file(path, "checkpoint to resume from")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or not a PyTorch file ({e}).") from e
+        raise BadInputError(f"{path}: not a readable checkpoint, truncated or not a PyTorch file ({e}).") from e
     if not isinstance(checkpoint, Mapping) or not all(k in checkpoint for k in load_dict):
         found = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise ValueError(f"{path}: not a training checkpoint: it holds {found}, resuming needs {sorted(load_dict)}.")
+        raise BadInputError(f"{path}: not a training checkpoint: it holds {found}, resuming needs {sorted(load_dict)}.")
     for name, obj in load_dict.items():
         if not isinstance(obj, nn.Module):
             continue
@@ -223,7 +308,7 @@ def check_checkpoint(path: str, load_dict: Mapping[str, object]) -> str:
                 for what, keys in (("shape differs", shapes), ("missing", missing), ("unexpected", unexpected))
                 if keys
             )
-            raise ValueError(
+            raise BadInputError(
                 f"{path}: '{name}' was saved from a different architecture than the configured one; "
                 f"{details}. Use the settings it was trained with (e.g. encoder_layers, encoder_width, "
                 "hidden_channels, embedding_channels)."

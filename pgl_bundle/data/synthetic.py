@@ -9,12 +9,15 @@ the same data. Good for plumbing and smoke runs; it teaches a network nothing ab
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import nibabel as nib
 import numpy as np
 
 __all__ = ["SYNTHETIC_LABELS", "make_synthetic_dataset"]
+
+logger = logging.getLogger(__name__)
 
 SYNTHETIC_LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney", 5: "aorta"}
 # (label, HU, centre as a fraction of the body's half axes (x, y), z range as fractions, radii in mm)
@@ -82,7 +85,10 @@ def make_synthetic_dataset(
     """
     datalist_path = os.path.join(output_dir, "dataset.json")
     if os.path.isfile(datalist_path):
+        logger.info(f"no dataset_dir given: using the synthetic CT phantoms in {output_dir} (made earlier).")
         return datalist_path
+    logger.info(f"no dataset_dir given: generating {num_volumes} synthetic CT phantoms of {shape} voxels in "
+                f"{output_dir} (first use; they teach nothing about anatomy, see --dataset_dir).")
     os.makedirs(os.path.join(output_dir, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(output_dir, "labelsTr"), exist_ok=True)
     rng = np.random.default_rng(seed)

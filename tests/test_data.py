@@ -41,7 +41,7 @@ def test_source_errors(tmp_path, shared_data):
         load_datalist(str(tmp_path / "empty"))
     datalist = tmp_path / "dataset.json"
     datalist.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
-    with pytest.raises(KeyError, match="lacks the key"):
+    with pytest.raises(ValueError, match="lacks the key"):
         load_datalist(str(datalist), keys=["image", "label"])
     with pytest.raises(FileNotFoundError, match=r"a\.nii\.gz"):
         load_datalist(str(datalist))

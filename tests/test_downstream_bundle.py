@@ -89,12 +89,14 @@ def test_train_validates_per_class_and_keeps_the_best_model(round_trip):
     assert logs["train"].count("Key metric: val_mean_dice best value") == 2  # validated after each of 2 epochs
     assert "tumour: " in logs["train"]  # the per-class Dice, by label name
     assert "epoch 1: encoder frozen." in logs["train"] and "epoch 2: encoder trainable." in logs["train"]
+    assert "5 volumes to use: shape from" in logs["train"] and "validation: [1/1] 100%" in logs["train"]
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("encoder.layer4.") for k in state) and any(k.startswith("decoder.4.") for k in state)
 
 
 def test_evaluate_writes_dice_per_case_and_class(round_trip, shared_data):
-    root, _ = round_trip
+    root, logs = round_trip
+    assert "evaluation: [2/2] 100%" in logs["evaluate"]  # progress, case by case
     with open(root / "eval" / "val_mean_dice_raw.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["filename", "class0", "mean"]  # class0: the first foreground label ("tumour")
@@ -107,7 +109,8 @@ def test_evaluate_writes_dice_per_case_and_class(round_trip, shared_data):
 
 
 def test_inference_writes_masks_on_the_input_grid(round_trip, shared_data):
-    root, _ = round_trip
+    root, logs = round_trip
+    assert "inference: [2/2] 100%" in logs["infer"]  # progress, case by case
     for case in TEST_CASES:
         image = nib.load(shared_data / "sts" / case / "CT_image.nii.gz")
         pred = nib.load(root / "eval" / case / "CT_image_seg.nii.gz")  # sub-folders kept: every STS image has one name

@@ -253,3 +253,80 @@ def test_fine_tuning_and_inference_configs_check_their_data(repo_root, tmp_path,
         assert isinstance(cause, ValueError), repr(cause)
         for line in expected:
             assert line in str(cause), (config, str(cause))
+
+
+def test_volumes_that_do_not_look_like_hounsfield_units(tmp_path, sts, caplog):
+    """An MR-like copy of a real CT (all values positive, no air) is warned about, naming it and its value range, in
+    the same pass that checks the files; with require_hu it is refused. The real CT passes without a warning."""
+    ct = nib.load(sts / "STS_001" / "CT_image.nii.gz")
+    values = np.asarray(ct.dataobj, dtype=np.float32)
+    mr_values = np.round(36 + (values + 1000) * 1.5).astype(np.int16)  # 36..3632
+    mr_like = nifti(tmp_path / "mr_like.nii.gz", mr_values, spacing=ct.header.get_zooms())
+    low, high = mr_values.min(), mr_values.max()
+    items = [{"image": str(sts / "STS_001" / "CT_image.nii.gz")}, {"image": mr_like}]
+    with caplog.at_level(logging.WARNING):
+        assert check_datalist(items) == items
+    assert "1 of 2 volumes may not be CT in Hounsfield units" in caplog.text
+    assert (f"{mr_like}: intensities {low}..{high} do not look like CT in Hounsfield units: all values are "
+            "non-negative") in caplog.text
+    assert "STS_001" not in caplog.text
+    assert f"{mr_like}: intensities {low}..{high} do not look like CT" in problems(items, require_hu=True)
+
+
+def dicom_with_two_series(source, target) -> None:
+    """A copy of the 20-slice series whose first 12 slices get the series UID 1.23 and the last 8 the UID 1.24 and
+    another description: two series in one folder. Byte edits of the explicit-VR little-endian files (the source's
+    UID element is empty, so it grows by 4 bytes; no length elsewhere covers it)."""
+    target.mkdir()
+    for index, path in enumerate(sorted(source.iterdir())):
+        data = path.read_bytes()
+        uid = b"1.23" if index < 12 else b"1.24"
+        empty = b"\x20\x00\x0e\x00UI\x00\x00"
+        assert data.count(empty) == 1, path
+        data = data.replace(empty, b"\x20\x00\x0e\x00UI\x04\x00" + uid)
+        if index >= 12:
+            data = data.replace(b"CT Body 3.0 ", b"CT Lung 3.0 ")
+        (target / path.name).write_bytes(data)
+
+
+def test_a_dicom_folder_with_two_series_is_refused_listing_them(tmp_path, shared_data):
+    folder = tmp_path / "two_series"
+    dicom_with_two_series(shared_data / "abdomen" / "example_ct_dicom_series", folder)
+    assert load_datalist(str(folder)) == [{"image": str(folder)}]
+    single = str(shared_data / "abdomen" / "example_ct_dicom_series")
+    message = problems([{"image": single}, {"image": str(folder)}])
+    assert message.startswith("1 of 2 datalist items cannot be used")
+    assert (f"{folder}: holds 2 DICOM series, where one volume is expected: 1.23 (CT Body 3.0, 12 files); 1.24 "
+            "(CT Lung 3.0, 8 files). Put each series in a folder of its own.") in message
+
+
+def test_one_volume_as_dataset_and_not_found_messages(tmp_path, sts):
+    volume = str(sts / "STS_001" / "CT_image.nii.gz")
+    assert load_datalist(volume) == [{"image": volume}]
+    with pytest.raises(ValueError, match=r"one volume, but \['label'\] are needed too"):
+        load_datalist(volume, keys=["image", "label"])
+    with pytest.raises(FileNotFoundError, match=rf"{sts}/STS_001/CT_imag.nii.gz: not found \(looked for a "
+                                                rf"dataset.json, a volume .*\); {sts}/STS_001 holds CT_image.nii.gz, "
+                                                "CT_mask.nii.gz"):
+        load_datalist(str(sts / "STS_001" / "CT_imag.nii.gz"))
+    with pytest.raises(FileNotFoundError, match=rf"STS_0\*/CT.nii.gz: the glob pattern matches no file; {sts} holds "
+                                                r"LICENSE.md, SOURCE_README.md, STS_001, STS_002, STS_003 and \d+ more"):
+        load_datalist(str(sts / "STS_0*" / "CT.nii.gz"))
+    (tmp_path / "notes.txt").write_text("not a volume")
+    with pytest.raises(ValueError, match=rf"{tmp_path}: no volumes found \(looked for .nii.gz.*\); {tmp_path} holds "
+                                         "notes.txt"):
+        load_datalist(str(tmp_path))
+    with pytest.raises(ValueError, match="notes.txt: not a dataset.json nor a volume"):
+        load_datalist(str(tmp_path / "notes.txt"))
+    with pytest.raises(FileNotFoundError, match=rf"nope.pt: checkpoint to resume from not found; {tmp_path} holds "
+                                                "notes.txt"):
+        check_checkpoint(str(tmp_path / "nope.pt"), {})
+
+
+def test_generating_synthetic_data_is_said(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        make_synthetic_dataset(str(tmp_path), 1, shape=(32, 32, 16))
+        make_synthetic_dataset(str(tmp_path), 1, shape=(32, 32, 16))
+    assert f"no dataset_dir given: generating 1 synthetic CT phantoms of (32, 32, 16) voxels in {tmp_path}" in (
+        caplog.text)
+    assert f"using the synthetic CT phantoms in {tmp_path} (made earlier)" in caplog.text

@@ -38,10 +38,21 @@ def dicom_series(folder: str) -> list[tuple[str, str, int]]:
     return series
 
 
+def _is_dicom_file(path: str) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _is_dicom_series(folder: str) -> bool:
-    """A folder of files none of which is a known volume format: read it as one DICOM series (ITK)."""
-    files = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)) and not f.startswith(".")]
-    return bool(files) and not any(f.lower().endswith(IMAGE_SUFFIXES + (".json",)) for f in files)
+    """A folder of DICOM files (no known volume format among them): read it as one DICOM series (ITK)."""
+    files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)) and not f.startswith("."))
+    if not files or any(f.lower().endswith(IMAGE_SUFFIXES + (".json",)) for f in files):
+        return False
+    return any(_is_dicom_file(os.path.join(folder, f)) for f in files[:3])
 
 
 def find_images(folder: str) -> list[str]:

@@ -1,0 +1,205 @@
+"""Nothing lost, nothing silent: reruns into an occupied folder, full disks, datasets smaller than a batch.
+
+Pretraining runs in-process (``monai.bundle.run``) on three small synthetic volumes with a tiny encoder: about a
+second of training each.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
+from monai.bundle import run as bundle_run
+from torch.utils.data import DataLoader
+
+from pgl_bundle import AtomicCheckpointSaver, check_epoch_length, check_free_space, latest_checkpoint, resolve_resume
+from pgl_bundle.data import make_synthetic_dataset
+from pgl_bundle.errors import BadInputError, DiskSpaceError, OutputExistsError, user_error_in_chain
+from pgl_bundle.handlers import checkpoint_bytes
+
+TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
+        "hidden_channels": 32, "embedding_channels": 16, "num_workers": 0, "batch_size": 2, "max_epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def three_volumes(tmp_path_factory) -> str:
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("three")), 3, shape=(64, 64, 24))
+
+
+@pytest.fixture(autouse=True)
+def keep_excepthook(monkeypatch):
+    """The configs install an excepthook (pgl_bundle.errors); give pytest's back afterwards."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+
+
+def pretrain(repo_root, bundle_root, data, **overrides) -> None:
+    bundle_run("training", config_file=str(repo_root / "configs" / "pretrain.json"), logging_file=False,
+               bundle_root=str(bundle_root), dataset_dir=data, **{**TINY, **overrides})
+
+
+def files(folder) -> dict[str, tuple[int, int]]:
+    """Every file below ``folder`` with its inode and modification time."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(root, name))
+            found[os.path.relpath(os.path.join(root, name), folder)] = (stat.st_ino, stat.st_mtime_ns)
+    return found
+
+
+def run_id(checkpoints) -> str:
+    return json.loads((checkpoints / "run.json").read_text())["run_id"]
+
+
+def test_a_second_run_stops_then_resumes_or_replaces(repo_root, tmp_path, three_volumes, caplog):
+    models, checkpoints = tmp_path / "models", tmp_path / "models" / "checkpoints"
+    with caplog.at_level(logging.INFO):
+        pretrain(repo_root, tmp_path, three_volumes)
+    # 3 volumes at batch 2: both batches of every epoch are trained on (no volume dropped), and the log says so
+    assert "3 volumes to use: shape from (64, 64, 24) to (64, 64, 24) voxels" in caplog.text
+    assert "3 volumes, batch size 2: 2 iterations per epoch." in caplog.text
+    final = torch.load(checkpoints / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == 4
+    # the final state is on disk once: the final checkpoint is the last epoch's file, and one epoch file is kept
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_epoch=2.pt", "checkpoint_final.pt", "run.json"]
+    assert os.path.samefile(checkpoints / "checkpoint_final.pt", checkpoints / "checkpoint_epoch=2.pt")
+    first_id, before = run_id(checkpoints), files(models)
+    assert final["run"] == {"run_id": first_id}
+
+    with pytest.raises(Exception) as error:  # the same command again: stopped, nothing touched
+        pretrain(repo_root, tmp_path, three_volumes)
+    cause = user_error_in_chain(error.value)
+    assert isinstance(cause, OutputExistsError), repr(error.value)
+    message = str(cause)
+    assert f"{models} holds the outputs of another run (run {first_id})" in message
+    for expected in ("checkpoints/checkpoint_final.pt", "pretrained_encoder.pt", "--resume_from latest",
+                     f"--overwrite True (the old outputs are moved to {models}/replaced_{first_id}/)"):
+        assert expected in message, message
+    assert files(models) == before
+
+    pretrain(repo_root, tmp_path, three_volumes, max_epochs=3, resume_from="latest")  # continues the same run
+    assert run_id(checkpoints) == first_id
+    resumed = torch.load(checkpoints / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+    assert resumed["trainer"]["iteration"] == 6 and resumed["run"] == {"run_id": first_id}
+
+    pretrain(repo_root, tmp_path, three_volumes, overwrite=True)  # starts afresh; the old run is kept aside
+    aside = models / f"replaced_{first_id}"
+    assert {"pretrained_encoder.pt", "checkpoints/checkpoint_final.pt", "checkpoints/run.json"} <= set(files(aside))
+    second_id = run_id(checkpoints)
+    assert second_id != first_id
+    # `latest` never picks another run's checkpoint, even one with more iterations
+    shutil.copy(aside / "checkpoints" / "checkpoint_final.pt", checkpoints / "checkpoint_epoch=9.pt")
+    with caplog.at_level(logging.WARNING):
+        latest = resolve_resume("latest", str(checkpoints))
+    assert latest == str(checkpoints / "checkpoint_final.pt")
+    assert f"checkpoint_epoch=9.pt: skipped, written by run {first_id}, not by this folder's run {second_id}" in (
+        caplog.text)
+    assert latest_checkpoint(str(checkpoints)) == str(checkpoints / "checkpoint_epoch=9.pt")  # without the run check
+
+
+def test_fine_tuning_does_not_replace_a_model_unless_continued_or_asked(repo_root, tmp_path, shared_data):
+    """train.json: models/model.pt of an earlier run stops a new run before training; MONAI Label's way of training
+    again (a CheckpointLoader of that model prepended to the train handlers) continues it."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"an earlier model")
+    sts = shared_data / "sts"
+    cases = [{"image": str(sts / c / "CT_image.nii.gz"), "label": str(sts / c / "CT_mask.nii.gz")}
+             for c in ("STS_001", "STS_002")]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": cases}))
+
+    def run_folder(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(repo_root / "configs" / "train.json"))
+        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "dataset.json"), "num_val_cases": 1,
+                       "label_names": ["background", "tumour"], "num_workers": 0, "cache_rate": 0,
+                       "encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [8, 8, 8, 8],
+                       "decoder_channels": [8, 8, 8, 8, 8], **overrides})
+        return parser.get_parsed_content("run_folder")
+
+    with pytest.raises(Exception) as error:
+        run_folder()
+    cause = user_error_in_chain(error.value)
+    assert isinstance(cause, OutputExistsError) and "model.pt. This run would overwrite them" in str(cause)
+    assert "--overwrite True" in str(cause) and "--resume_from" not in str(cause)
+    loader = {"_target_": "CheckpointLoader", "load_path": str(tmp_path / "models" / "model.pt"),
+              "load_dict": {"model": "$@network"}}
+    handlers = ConfigParser.load_config_file(str(repo_root / "configs" / "train.json"))["train"]["handlers"]
+    assert run_folder(**{"train#handlers": [loader, *handlers]}).resume_path == loader["load_path"]
+    assert run_folder(overwrite=True).to_move == [str(tmp_path / "models" / "model.pt")]
+    assert (tmp_path / "models" / "model.pt").read_bytes() == b"an earlier model"  # moved only when training starts
+
+
+def tiny_trainer(folder, **saver_args) -> tuple[Engine, AtomicCheckpointSaver]:
+    net = torch.nn.Linear(4, 256)
+    optimizer = torch.optim.Adam(net.parameters())
+
+    def step(engine, batch):
+        optimizer.zero_grad()
+        net(torch.randn(2, 4)).square().mean().backward()
+        optimizer.step()
+
+    trainer = Engine(step)
+    saver = AtomicCheckpointSaver(str(folder), {"network": net, "optimizer": optimizer, "trainer": trainer},
+                                  **saver_args)
+    saver.attach(trainer)
+    return trainer, saver
+
+
+def test_a_failed_save_keeps_the_last_good_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    trainer, _ = tiny_trainer(tmp_path, save_interval=1, epoch_level=False, n_saved=1, save_final=True,
+                              final_filename="checkpoint_final.pt")
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # the first save works; later ones fill the disk halfway through
+        if trainer.state.iteration == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DiskSpaceError) as error:
+        trainer.run(range(3), max_epochs=1)
+    kept = tmp_path / "checkpoint_iteration=1.pt"
+    assert os.listdir(tmp_path) == [kept.name]  # no temporary file, no final checkpoint of the failed state
+    assert real_save is not torch.save and torch.load(kept, weights_only=True)["trainer"]["iteration"] == 1
+    message = str(error.value)
+    assert f"{tmp_path / 'checkpoint_iteration=2.pt'}: saving the checkpoint failed (No space left on device)" in (
+        message)
+    assert f"Last good checkpoint here: {kept}" in message and "--resume_from latest" in message
+
+
+def test_free_space_is_checked_before_training(tmp_path, monkeypatch):
+    trainer, saver = tiny_trainer(tmp_path, save_interval=1, epoch_level=True, n_saved=2, save_final=True,
+                                  final_filename="checkpoint_final.pt")
+    estimate = checkpoint_bytes(saver.save_dict)
+    trainer.run(range(2), max_epochs=1)  # after a step the optimizer holds its state: the estimate is an upper bound
+    size = os.path.getsize(tmp_path / "checkpoint_final.pt")
+    assert size <= estimate <= size + (1 << 20) + 0.01 * size
+    estimate = checkpoint_bytes(saver.save_dict)  # now with the optimizer's state (and its step counters)
+    assert check_free_space([saver, object()]) == 3 * estimate  # 2 files kept + 1 being written; others ignored
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 3 * estimate + 1, 3 * estimate - 1))
+    with pytest.raises(DiskSpaceError, match=rf"not enough free disk space for the checkpoints in \['{tmp_path}'\]: "
+                                             r"they need up to \d+ MB at once"):
+        check_free_space([saver])
+
+
+def test_no_batch_and_dropped_volumes_are_reported(caplog):
+    with pytest.raises(BadInputError, match=r"no training batch can be formed: 1 volume\(s\) per process, batch size "
+                                            r"2, drop_last True. Add volumes, or lower batch_size to at most 1"):
+        check_epoch_length(DataLoader([0], batch_size=2, drop_last=True))
+    with caplog.at_level(logging.INFO):
+        assert check_epoch_length(DataLoader([0, 1, 2], batch_size=2, drop_last=True)) == 1
+        assert check_epoch_length(DataLoader([0, 1, 2], batch_size=2)) == 2
+    assert "drop_last leaves 1 of 3 volumes out of every epoch." in caplog.text
+    assert "3 volumes, batch size 2: 2 iterations per epoch." in caplog.text

@@ -188,7 +188,8 @@ def compare(
         if kind == "pretrain":
             root = os.path.join(output_dir, "pretrain", f"{what}_{param}ep")
             if not os.path.isfile(os.path.join(root, "models", "pretrained_encoder.pt")):
-                overrides = {**common, **settings["pretrain"], "dataset_dir": unlabelled_json, "max_epochs": param}
+                overrides = {**common, **settings["pretrain"], "dataset_dir": unlabelled_json, "max_epochs": param,
+                             "resume_from": "latest"}  # an interrupted stage continues its run
                 _run_bundle(CONFIGS[what], root, overrides, run_id="training")
         else:
             n, seed = param
@@ -196,7 +197,8 @@ def compare(
             if not os.path.isfile(os.path.join(root, "eval", "val_mean_dice_raw.csv")):
                 overrides = {**common, **settings["finetune"], "dataset_dir": labelled, "num_train_cases": n,
                              "num_val_cases": settings["num_val_cases"], "num_test_cases": settings["num_test_cases"],
-                             "label_names": list(label_names), "seed": seed}
+                             "label_names": list(label_names), "seed": seed,
+                             "overwrite": True}  # an interrupted stage starts afresh (its old model moved aside)
                 overrides["learning_rate"] = overrides["learning_rate"] * what.lr_scale
                 overrides["max_epochs"] = max(1, round(settings["finetune_iterations"] / math.ceil(n / overrides["batch_size"])))
                 overrides["val_interval"] = max(1, overrides["max_epochs"] // 5)

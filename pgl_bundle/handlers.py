@@ -54,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 
 def _size(num_bytes: float) -> str:
-    """``"916 MB"``, ``"2.68 GB"``: a size for a message."""
-    return f"{num_bytes / 1024**3:.2f} GB" if num_bytes >= 1024**3 else f"{num_bytes / 1024**2:.0f} MB"
+    """``"916 MB"``, ``"2.02 GB"`` (decimal units, as ``ls`` and ``df -H`` count): a size for a message."""
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
 
 
 def _free_bytes(folder: str) -> tuple[int, str]:
@@ -64,6 +64,11 @@ def _free_bytes(folder: str) -> tuple[int, str]:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     return shutil.disk_usage(existing).free, existing
+
+
+def _disk(folder: str) -> int:
+    """The device id of the disk that holds (or would hold) ``folder``."""
+    return os.stat(_free_bytes(folder)[1]).st_dev
 
 
 class _SafeDiskSaver(DiskSaver):
@@ -196,14 +201,14 @@ def check_free_space(savers: Sequence[object]) -> int:
     Raises:
         DiskSpaceError: a disk has less free space than its savers need; the message gives both and the files.
     """
-    needs: dict[str, list] = {}
+    needs: dict[int, list] = {}
     for saver in savers:
         if isinstance(saver, AtomicCheckpointSaver):
-            free, disk = _free_bytes(saver.save_dir)
-            needs.setdefault(disk, [free, 0, []])
-            needs[disk][1] += saver.bytes_needed()
-            needs[disk][2].append(saver.save_dir)
-    for disk, (free, need, folders) in needs.items():
+            free, existing = _free_bytes(saver.save_dir)
+            needs.setdefault(_disk(saver.save_dir), [free, 0, [], existing])
+            needs[_disk(saver.save_dir)][1] += saver.bytes_needed()
+            needs[_disk(saver.save_dir)][2].append(saver.save_dir)
+    for free, need, folders, disk in needs.values():
         logger.info(
             f"checkpoints in {sorted(set(folders))}: up to {_size(need)} at once, {_size(free)} free."
         )
@@ -215,7 +220,7 @@ def check_free_space(savers: Sequence[object]) -> int:
                 f"written), and {disk} has {_size(free)} free. Free some space, set --ckpt_dir to another "
                 "disk, or save less often (checkpoint_every_n_iterations 0).",
             )
-    return sum(need for _, need, _ in needs.values())
+    return sum(need for _, need, _, _ in needs.values())
 
 
 def _checkpoint_run(path: str) -> tuple[int, str | None] | None:

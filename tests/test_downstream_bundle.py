@@ -90,6 +90,7 @@ def test_train_validates_per_class_and_keeps_the_best_model(round_trip):
     assert "tumour: " in logs["train"]  # the per-class Dice, by label name
     assert "epoch 1: encoder frozen." in logs["train"] and "epoch 2: encoder trainable." in logs["train"]
     assert "5 volumes to use: shape from" in logs["train"] and "validation: [1/1] 100%" in logs["train"]
+    assert json.loads((root / "models" / "train_run.json").read_text())["run_id"]  # the run recorded its folder
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("encoder.layer4.") for k in state) and any(k.startswith("decoder.4.") for k in state)
 

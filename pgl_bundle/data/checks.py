@@ -213,6 +213,7 @@ def check_datalist(
     if label_key is not None and num_classes is None:
         raise ValueError("check_datalist: num_classes is required to check labels.")
     checks = {"min_size": min_size, "pixdim": pixdim, "channels": channels}
+    logger.info(f"checking the {len(datalist)} items of the datalist (every file is read once)...")
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         results = list(pool.map(lambda i: _check_item(i, image_key, label_key, num_classes, **checks), datalist))
     reports = [report + (warnings if require_hu else []) for report, warnings, _ in results]

@@ -34,7 +34,8 @@ def dicom_series(folder: str) -> list[tuple[str, str, int]]:
         header = io.GetMetaDataDictionary()
         described = header.HasKey("0008|103e")
         description = str(header["0008|103e"]).strip() if described else "no description"
-        series.append((str(header["0020|000e"]).strip() if header.HasKey("0020|000e") else uid, description, len(files)))
+        series_uid = str(header["0020|000e"]).strip() if header.HasKey("0020|000e") else uid
+        series.append((series_uid, description, len(files)))
     return series
 
 
@@ -152,6 +153,7 @@ def load_datalist(
             for key in keys:
                 if not os.path.exists(item[key]):
                     raise InputNotFoundError(
-                        f"{item[key]}: listed as '{key}' in {source}, but it does not exist; {found_instead(item[key])}."
+                        f"{item[key]}: listed as '{key}' in {source}, but it does not exist; "
+                        f"{found_instead(item[key])}."
                     )
     return items

@@ -51,7 +51,7 @@ def test_checkpoints_and_encoder_load_back(pretrained):
     encoder = PGLResNetEncoder(layers=(1, 1, 1, 1))
     encoder.load_state_dict(state, strict=True)
     checkpoint = torch.load(models / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer"}
+    assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "run"}  # run: the run's id
     for name, tensor in state.items():
         torch.testing.assert_close(checkpoint["network"][f"online.encoder.{name}"], tensor)
     assert checkpoint["trainer"]["iteration"] == 6

@@ -13,7 +13,16 @@ Where each concept of the paper lives:
 - publishing weights: :mod:`pgl_bundle.release`
 """
 
-from .data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset, resolve_dataset
+from .data import (
+    LoadPreparedd,
+    check_checkpoint,
+    check_datalist,
+    load_datalist,
+    make_synthetic_dataset,
+    prepare,
+    resolve_dataset,
+    training_datalist,
+)
 from .distributed import EpochSeededDataset, ResumableSampler
 from .ema import TargetMomentumSchedule, byol_momentum
 from .engine import PrepareViews

@@ -8,6 +8,8 @@ Commands:
     pack       zip the bundle for ``python -m monai.bundle download`` (:func:`pgl_bundle.release.pack`)
 """
 
+import logging
+
 import fire
 
 from pgl_bundle.compare import compare
@@ -15,6 +17,7 @@ from pgl_bundle.data import make_synthetic_dataset, prepare
 from pgl_bundle.release import pack, write_large_files
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     fire.Fire(
         {
             "compare": compare,

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when the stored layout changes: every volume is then prepared again
 STORED_DTYPE = "int16"  # chosen by measurement, docs/benchmarks.md
-_MANIFEST_EVERY_S = 5.0
+_MANIFEST_EVERY_S = 1.0  # a killed run loses at most this much of finished work
 
 
 def deterministic_transforms(

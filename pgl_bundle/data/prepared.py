@@ -246,9 +246,12 @@ def prepare(
             if time.monotonic() - last_write > _MANIFEST_EVERY_S:
                 _write_manifest(prepared_dir, settings, entries, sources)
                 last_write = time.monotonic()
-    _write_manifest(prepared_dir, settings, entries, sources)
+    # volumes of other datalists (or beyond num_items) stay while their source exists: a short run loses nothing
+    others = [s for s in known if s not in entries and known[s]["stamp"] is not None and _stamp(s) == known[s]["stamp"]]
+    entries.update({s: known[s] for s in others})
+    _write_manifest(prepared_dir, settings, entries, sources + others)
     kept = {e["array"] for e in entries.values() if "array" in e}
-    for name in os.listdir(prepared_dir):  # arrays of sources no longer listed, and temporaries of a killed run
+    for name in os.listdir(prepared_dir):  # arrays of sources gone or changed, and temporaries of a killed run
         if name.endswith(".npy") and name not in kept:
             os.remove(os.path.join(prepared_dir, name))
     volumes = [{"source": s, **entries[s]} for s in sources]

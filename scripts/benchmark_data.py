@@ -96,25 +96,27 @@ def _startup(configs: list[str], processes: int, overrides: dict, folder: str) -
             "pss_anon_gb": sum(r["pss_anon_gb"] for r in ranks), "processes": sum(r["processes"] for r in ranks)}
 
 
-def _pairs_per_second(configs: list[str], overrides: dict, seconds: float) -> float:
-    """View pairs/s from ``train#dataloader`` with one worker, after its first batch."""
+def _pairs_per_second(configs: list[str], overrides: dict, seconds: float, num_workers: int = 1) -> float:
+    """View pairs/s from ``train#dataloader`` after its first batch: wall-clock with ``num_workers`` workers, or
+    with 0 (in this process) per second of this process's CPU time, which the machine's load does not inflate."""
     from monai.bundle import ConfigParser
 
+    clock = time.perf_counter if num_workers else time.process_time
     parser = ConfigParser()
     parser.read_config(configs[0])
-    parser.update({**TINY, **overrides, "num_workers": 1, "batch_size": 1, "patch_size": [96, 96, 16]})
+    parser.update({**TINY, **overrides, "num_workers": num_workers, "batch_size": 1, "patch_size": [96, 96, 16]})
     loader = parser.get_parsed_content("train#dataloader")
     loader.sampler.set_epoch(1)
     count, start = 0, None
-    while start is None or time.perf_counter() - start < seconds:
+    while start is None or clock() - start < seconds:
         for _ in loader:
             if start is None:
-                start = time.perf_counter()
+                start = clock()
                 continue
             count += 1
-            if time.perf_counter() - start >= seconds:
+            if clock() - start >= seconds:
                 break
-    return count / (time.perf_counter() - start)
+    return count / (clock() - start)
 
 
 def corpus(folder: str, num_volumes: int, num_workers: int = 1) -> None:
@@ -161,6 +163,8 @@ def scale(folder: str, sizes=(25, 100), old_sizes=(10, 25), old_max_processes_gb
                       f"{r['pss_anon_gb']:12.2f} {r['processes']:10d}", flush=True)
     new_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds)
     print(f"view pairs/s, one DataLoader worker, 96x96x16: prepared (N={max(sizes)}, memory maps) {new_rate:.1f}")
+    cpu_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds, 0)
+    print(f"view pairs per CPU-second (one thread, no worker), 96x96x16: prepared {cpu_rate:.1f}")
     if old_sizes:  # the old path caches its N volumes in this process first: its smallest N
         old_rate = _pairs_per_second(old, {"dataset_dir": folder, "num_volumes": min(old_sizes)}, seconds)
         print(f"view pairs/s, one DataLoader worker, 96x96x16: old (N={min(old_sizes)}, cached) {old_rate:.1f}; "

@@ -231,10 +231,11 @@ def prepare(
             entries[source] = old
         else:
             todo.append((source, stamp))
+    num_workers = max(1, num_workers)
     if todo:
         logger.info(f"preparing {len(todo)} of {len(sources)} volumes into {prepared_dir} ({num_workers} processes)")
     last_write = time.monotonic()
-    with ProcessPoolExecutor(max(1, num_workers), initializer=_single_thread) as pool:
+    with ProcessPoolExecutor(num_workers, initializer=_single_thread) as pool:
         futures = {
             pool.submit(_prepare_one, source, os.path.join(prepared_dir, _array_name(source)), settings, hu_window):
             (source, stamp)

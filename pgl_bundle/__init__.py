@@ -14,8 +14,17 @@ Where each concept of the paper lives:
 - publishing weights: :mod:`pgl_bundle.release`
 """
 
-from .data import check_checkpoint, check_datalist, check_epoch_length, load_datalist, make_synthetic_dataset
-from .data import resolve_dataset
+from .data import (
+    LoadPreparedd,
+    check_checkpoint,
+    check_datalist,
+    check_epoch_length,
+    load_datalist,
+    make_synthetic_dataset,
+    prepare,
+    resolve_dataset,
+    training_datalist,
+)
 from .distributed import EpochSeededDataset, ResumableSampler
 from .errors import UserError, report_user_errors_last
 from .ema import TargetMomentumSchedule, byol_momentum

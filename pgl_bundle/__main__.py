@@ -2,16 +2,28 @@
 
 Commands:
     compare    random vs BYOL vs PGL initialisation on labelled CT (:func:`pgl_bundle.compare.compare`)
+    prepare    preprocess a CT set once for pretraining (:func:`pgl_bundle.data.prepare`; also configs/prepare.json)
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
     publish    write large_files.yml (URLs and md5 hashes) for released weights (:func:`pgl_bundle.release.write_large_files`)
     pack       zip the bundle for ``python -m monai.bundle download`` (:func:`pgl_bundle.release.pack`)
 """
 
+import logging
+
 import fire
 
 from pgl_bundle.compare import compare
-from pgl_bundle.data import make_synthetic_dataset
+from pgl_bundle.data import make_synthetic_dataset, prepare
 from pgl_bundle.release import pack, write_large_files
 
 if __name__ == "__main__":
-    fire.Fire({"compare": compare, "synthetic": make_synthetic_dataset, "publish": write_large_files, "pack": pack})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
+    fire.Fire(
+        {
+            "compare": compare,
+            "prepare": prepare,
+            "synthetic": make_synthetic_dataset,
+            "publish": write_large_files,
+            "pack": pack,
+        }
+    )

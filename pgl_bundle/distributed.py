@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import ignite.distributed as idist
 import numpy as np
+import torch
 from monai.data import DistributedSampler
 from monai.utils import MAX_SEED
 from torch.utils.data import Dataset
@@ -86,8 +87,8 @@ class EpochSeededDataset(Dataset):
     """Wrap a MONAI dataset so that the random transforms of sample ``index`` in ``epoch`` depend on nothing else.
 
     Before each item, the dataset's ``transform`` (a ``Compose``) is seeded from ``(seed, epoch, index)``. The epoch
-    is set by :class:`ResumableSampler` before the DataLoader starts its workers, which copy it: use the default
-    ``persistent_workers=False``.
+    is set by :class:`ResumableSampler` before each epoch's first index is drawn, and held in shared memory, so that
+    DataLoader workers kept across epochs (``persistent_workers=True``) see it too.
 
     Args:
         dataset: a dataset with a ``transform`` that has ``set_random_state`` (MONAI's ``Dataset``, ``CacheDataset``).
@@ -99,10 +100,14 @@ class EpochSeededDataset(Dataset):
             raise TypeError(f"{type(dataset).__name__} has no transform with set_random_state to seed.")
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # one value for this process and its workers
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -45,7 +45,8 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
     """Make PGL's two views of one volume and record their geometry.
 
     For each view independently: crop a box whose size per axis is ``U(scale_range) * roi_size`` (rounded to
-    whole voxels), resize it to ``roi_size`` (trilinear), then flip each axis with probability ``flip_prob``.
+    whole voxels), map ``intensity_range`` to [0, 1] (clipped) when given, resize it to ``roi_size`` (trilinear),
+    then flip each axis with probability ``flip_prob``.
     The two boxes are redrawn until their :func:`overlap_ratio` is at least ``min_overlap``.
 
     Writes, for ``view_keys = ("view1", "view2")``:
@@ -54,7 +55,9 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
     - ``view1_geometry``, ``view2_geometry``: ``(4, 3)`` float tensors, rows :data:`GEOMETRY_ROWS`:
       box start and end in source voxels, resize factor ``roi_size / crop_size``, flip flag (0 or 1).
 
-    The source key is removed (volumes of different shapes cannot be batched).
+    The source key is removed (volumes of different shapes cannot be batched). It may be a tensor or a numpy array,
+    e.g. a memory map of a prepared volume (:class:`~pgl_bundle.data.prepared.LoadPreparedd`): then only the two
+    boxes are read from it.
 
     Args:
         keys: the source image key (one key).
@@ -62,6 +65,8 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
         scale_range: crop size as a fraction of ``roi_size``; the spec's default is 110 % to 140 %.
         isotropic_scale: draw one factor for all axes (keeps the aspect ratio, the default) or one per axis.
         min_overlap: least :func:`overlap_ratio` of the two boxes.
+        intensity_range: ``(low, high)`` mapped to ``(0, 1)`` and clipped, on each crop (e.g. the HU window of a
+            prepared volume stored in HU); None: intensities as given.
         flip_prob: probability of flipping each axis of each view.
         view_keys: output keys of the two views.
         max_tries: batches of 64 candidate box pairs to draw before giving up.
@@ -81,6 +86,7 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
         scale_range: Sequence[float] = (1.1, 1.4),
         isotropic_scale: bool = True,
         min_overlap: float = 0.1,
+        intensity_range: Sequence[float] | None = None,
         flip_prob: float = 0.5,
         view_keys: Sequence[str] = ("view1", "view2"),
         max_tries: int = 100,
@@ -96,6 +102,7 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}.")
         self.isotropic_scale = isotropic_scale
         self.min_overlap = float(min_overlap)
+        self.intensity_range = None if intensity_range is None else tuple(float(v) for v in intensity_range)
         self.flip_prob = float(flip_prob)
         self.view_keys = tuple(view_keys)
         self.max_tries = max_tries
@@ -133,11 +140,16 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
             f"in {n * self.max_tries} draws."
         )
 
-    def _make_view(self, image: torch.Tensor, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_view(self, image: torch.Tensor | np.ndarray, view: int) -> tuple[torch.Tensor, torch.Tensor]:
         start, end, flip = self._starts[view], self._ends[view], self._flips[view]
         crop = image[:, start[0] : end[0], start[1] : end[1], start[2] : end[2]]
+        crop = torch.from_numpy(np.ascontiguousarray(crop)) if isinstance(crop, np.ndarray) else crop
+        crop = crop.float()
+        if self.intensity_range is not None:  # as ScaleIntensityRange(low, high, 0, 1, clip=True)
+            low, high = self.intensity_range
+            crop = ((crop - low) / (high - low)).clamp(0.0, 1.0)
         size = tuple(int(s) for s in self.roi_size)
-        out = F.interpolate(crop[None].float(), size=size, mode="trilinear", align_corners=False)[0]
+        out = F.interpolate(crop[None], size=size, mode="trilinear", align_corners=False)[0]
         flip_dims = [axis + 1 for axis in range(3) if flip[axis]]
         if flip_dims:
             out = torch.flip(out, flip_dims)
@@ -150,11 +162,15 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
         if key == []:
             return d
         image = d.pop(key)
-        name = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+        meta = image.meta if isinstance(image, MetaTensor) else {}
+        name = meta.get("filename_or_obj", getattr(image, "filename", None) or key)
         if image.ndim != 4:
             raise ValueError(f"{name}: expected a channel-first 3D image (C, x, y, z), got shape {tuple(image.shape)}.")
         self.randomize(image.shape[1:], name=str(name))
-        source = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        if isinstance(image, MetaTensor):
+            source = image.as_tensor()
+        else:  # a numpy array (memory map) stays one: _make_view copies only the boxes
+            source = image if isinstance(image, np.ndarray) else torch.as_tensor(image)
         for view, view_key in enumerate(self.view_keys):
             d[view_key], d[f"{view_key}_geometry"] = self._make_view(source, view)
         return d

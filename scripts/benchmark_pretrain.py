@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from monai.transforms import (
     Compose,
     CopyItemsd,
+    LoadImaged,
     RandAdjustContrastd,
     RandFlipd,
     RandGaussianNoised,
@@ -28,15 +29,23 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandSpatialCropd,
     Resized,
+    ScaleIntensityRanged,
 )
 
 from pgl_bundle import RandPGLIntensityd, RandPGLViewsd
+from pgl_bundle.data import deterministic_transforms
 
 
 def _preprocessed(image: str):
+    """The volume as pretraining sees it: the prepared (deterministic) chain, then the HU window."""
     parser = ConfigParser()
     parser.read_config("configs/pretrain.json")
-    return Compose(parser.get_parsed_content("train#deterministic_transforms"))({"image": image})["image"]
+    window = parser.get_parsed_content("hu_window")
+    chain = [LoadImaged("image", image_only=True, ensure_channel_first=True),
+             *deterministic_transforms(window, parser.get_parsed_content("pixdim"),
+                                       parser.get_parsed_content("min_volume_size")),
+             ScaleIntensityRanged("image", window[0], window[1], 0.0, 1.0, clip=True)]
+    return Compose(chain)({"image": image})["image"]
 
 
 def _stock_chain(roi: list[int]) -> Compose:

@@ -7,17 +7,17 @@ import json
 import itk
 import pytest
 import torch
-from monai.bundle import ConfigParser
-from monai.transforms import Compose
+from monai.transforms import Compose, LoadImaged, ScaleIntensityRanged
 
-from pgl_bundle.data import load_datalist, make_synthetic_dataset
+from pgl_bundle.data import deterministic_transforms, load_datalist, make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
-def preprocessing(repo_root):
-    parser = ConfigParser()
-    parser.read_config(str(repo_root / "configs" / "pretrain.json"))
-    return Compose(parser.get_parsed_content("train#deterministic_transforms"))
+def preprocessing():
+    """Load, pretraining's deterministic chain (what the prepare stage stores), then the HU window."""
+    return Compose([LoadImaged("image", image_only=True, ensure_channel_first=True),
+                    *deterministic_transforms((-1024, 325), None, (134, 134, 22)),
+                    ScaleIntensityRanged("image", -1024, 325, 0.0, 1.0, clip=True)])
 
 
 def test_sources(shared_data):

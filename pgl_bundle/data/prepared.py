@@ -1,0 +1,344 @@
+"""Prepared data: pretraining's deterministic preprocessing applied once per source volume, stored for memory maps.
+
+At the paper's scale (about 1,800 CTs) a ``CacheDataset`` of float32 volumes needs of the order of 100 GB per process
+(docs/benchmarks.md), and re-reading the sources at every start costs minutes. :func:`prepare` reads each source
+once, applies :func:`deterministic_transforms` (RAS, optional resampling, foreground crop, padding), and writes
+
+- ``<prepared_dir>/<name>_<hash>.npy``: one ``(1, x, y, z)`` int16 array of HU per volume (raw HU, rounded: the
+  intensity window stays a training setting, applied to each crop by :class:`~pgl_bundle.views.RandPGLViewsd`);
+- ``<prepared_dir>/manifest.json``: the settings, and per source its path, size and mtime, the array's name, shape,
+  spacing, affine and dtype; sources that cannot be used are listed with their problems (the messages of
+  :func:`~pgl_bundle.data.checks.check_datalist`).
+
+Each array is written to a temporary file and renamed, the manifest likewise (every few seconds and at the end), so
+a killed run resumes: unchanged sources already prepared are skipped (one ``stat`` each), changed ones re-prepared,
+all of them when the settings changed. Pretraining then reads only the manifest (:func:`load_prepared`) and maps the
+arrays (:class:`LoadPreparedd`): the OS page cache shares their pages between DataLoader workers and ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data.utils import affine_to_spacing
+from monai.transforms import Compose, CropForegroundd, EnsureTyped, MapTransform, Orientationd, SpatialPadd, Spacingd
+from tqdm import tqdm
+
+from ..errors import BadInputError, InputNotFoundError
+from .checks import _read, _summary, check_hounsfield, check_image
+from .datalist import load_datalist
+
+__all__ = ["LoadPreparedd", "deterministic_transforms", "load_prepared", "prepare", "training_datalist"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = 1  # bump when the stored layout changes: every volume is then prepared again
+STORED_DTYPE = "int16"  # chosen by measurement, docs/benchmarks.md
+_MANIFEST_EVERY_S = 1.0  # a killed run loses at most this much of finished work
+
+
+def deterministic_transforms(
+    hu_window: Sequence[float], pixdim: Sequence[float] | None = None, min_size: Sequence[int] | None = None
+) -> list:
+    """Pretraining's deterministic preprocessing of one ``{"image": (1, x, y, z) HU}`` item, kept in HU.
+
+    RAS orientation, resampling to ``pixdim`` (bilinear; None keeps the file's spacing), a crop to the voxels above
+    ``hu_window[0]`` (those the window does not map to 0), then padding with ``hu_window[0]`` up to ``min_size``.
+    The window itself is applied to each view's crop (``RandPGLViewsd(intensity_range=hu_window)``); window then
+    crop equals crop then window, so views are those of windowing the whole volume first.
+
+    Returns:
+        MONAI dictionary transforms on key ``image``, ending in float32.
+    """
+    low = float(hu_window[0])
+    return [
+        Orientationd("image", axcodes="RAS"),
+        *([Spacingd("image", pixdim=pixdim, mode="bilinear")] if pixdim is not None else []),
+        CropForegroundd("image", "image", select_fn=functools.partial(torch.gt, other=low), allow_smaller=True),
+        *([SpatialPadd("image", spatial_size=min_size, value=low)] if min_size is not None else []),
+        EnsureTyped("image", dtype=torch.float32),
+    ]
+
+
+class LoadPreparedd(MapTransform):
+    """Replace each key's path to a prepared ``.npy`` with a read-only memory map of it (``np.memmap``, no copy).
+
+    Hand-written because MONAI's ``LoadImage`` (``NumpyReader``) reads the whole array into memory.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, np.ndarray]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = np.load(d[key], mmap_mode="r")
+        return d
+
+
+def _settings(hu_window, pixdim, min_size, min_image_size) -> dict:
+    """What the stored arrays depend on; any change prepares every volume again."""
+    return {
+        "format": FORMAT,
+        "dtype": STORED_DTYPE,
+        "orientation": "RAS",
+        "pixdim": None if pixdim is None else [float(p) for p in pixdim],
+        "foreground_above_hu": float(hu_window[0]),
+        "min_size": None if min_size is None else [int(s) for s in min_size],
+        "min_image_size": None if min_image_size is None else [int(s) for s in min_image_size],
+    }
+
+
+def _stamp(path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, or summed / latest over a DICOM folder's files; None when it does not exist."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns]
+    if os.path.isdir(path):
+        stats = [e.stat() for e in os.scandir(path) if e.is_file()]
+        return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+    return None
+
+
+def _array_name(source: str) -> str:
+    stem = os.path.basename(source.rstrip(os.sep)).split(".")[0] or "volume"
+    return f"{stem}_{hashlib.sha1(source.encode()).hexdigest()[:10]}.npy"
+
+
+def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequence[float]) -> dict:
+    """Read, check and preprocess one source; write its array atomically. Returns its manifest entry."""
+    image, problems = _read(source)
+    if image is not None:
+        problems = check_image(image, min_size=settings["min_image_size"], pixdim=settings["pixdim"])
+    if problems:
+        return {"problems": problems}
+    not_hu = check_hounsfield(image)
+    chain = Compose(deterministic_transforms(hu_window, settings["pixdim"], settings["min_size"]))
+    volume = chain({"image": image})["image"]
+    info = torch.iinfo(torch.int16)
+    array = volume.as_tensor().round().clamp(info.min, info.max).to(torch.int16).numpy()
+    temporary = array_path[: -len(".npy")] + ".tmp.npy"
+    np.save(temporary, array)
+    os.replace(temporary, array_path)
+    return {
+        "array": os.path.basename(array_path),
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "spacing": affine_to_spacing(volume.affine, r=3).tolist(),
+        "affine": volume.affine.tolist(),
+        **({"not_hu": not_hu} if not_hu else {}),
+    }
+
+
+def _write_manifest(prepared_dir: str, settings: dict, entries: dict[str, dict], order: Sequence[str]) -> None:
+    manifest = {"settings": settings, "volumes": [{"source": s, **entries[s]} for s in order if s in entries]}
+    path = os.path.join(prepared_dir, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _read_manifest(prepared_dir: str) -> dict | None:
+    path = os.path.join(prepared_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _report_bad(
+    volumes: Sequence[dict], new: set[str], total: int, prepared_dir: str, skip_bad: bool, require_hu: bool = False
+) -> None:
+    """Raise for bad sources (check_datalist's messages), or leave them out: listed when first found, counted after.
+
+    Volumes whose values do not look like Hounsfield units are warned about, one line per file, at every run (an
+    error with ``require_hu``), as :func:`~pgl_bundle.data.checks.check_datalist` does.
+    """
+    not_hu = [f"{v['source']}: {v['not_hu']}" for v in volumes if "not_hu" in v]
+    if not_hu and not require_hu:
+        listing = "\n  ".join(not_hu)
+        logger.warning(
+            f"{len(not_hu)} of {total} volumes may not be CT in Hounsfield units (--require_hu True makes this an "
+            f"error):\n  {listing}"
+        )
+    bad = [v for v in volumes if "problems" in v or (require_hu and "not_hu" in v)]
+    if not bad:
+        return
+    problems = [f"{v['source']}: {p}" for v in bad for p in v.get("problems", [])] + (not_hu if require_hu else [])
+    listing = "\n  ".join(problems)
+    if not skip_bad:
+        raise BadInputError(
+            f"{len(bad)} of {total} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave them "
+            "out with skip_bad=True (config key skip_bad_volumes)."
+        )
+    if require_hu or new & {v["source"] for v in bad}:
+        logger.warning(f"leaving out {len(bad)} of {total} datalist items:\n  {listing}")
+    else:
+        logger.warning(f"leaving out {len(bad)} of {total} datalist items, listed in {prepared_dir}/{MANIFEST}.")
+
+
+def _good_items(prepared_dir: str, volumes: Sequence[dict], require_hu: bool = False) -> list[dict]:
+    """The usable volumes as datalist items; logs how many there are and their shape and spacing ranges."""
+    good = [v for v in volumes if "array" in v and not (require_hu and "not_hu" in v)]
+    if not good:
+        raise BadInputError(f"{prepared_dir}: no usable volume prepared (of {len(volumes)}).")
+    geometries = [(tuple(v["shape"][1:]), tuple(v["spacing"])) for v in good]
+    logger.info(f"{len(good)} prepared volumes to use: {_summary(geometries)}.")
+    return [{"image": os.path.join(prepared_dir, v["array"])} for v in good]
+
+
+def prepare(
+    dataset_dir: str,
+    prepared_dir: str,
+    hu_window: Sequence[float] = (-1024, 325),
+    pixdim: Sequence[float] | None = None,
+    min_size: Sequence[int] | None = (134, 134, 22),
+    min_image_size: Sequence[int] | None = (96, 96, 16),
+    num_items: int | None = None,
+    num_workers: int = 1,
+    skip_bad: bool = True,
+    require_hu: bool = False,
+) -> list[dict]:
+    """Prepare every volume of ``dataset_dir`` into ``prepared_dir`` (see the module docstring); resumable.
+
+    Args:
+        dataset_dir: a dataset.json, folder or glob (:func:`~pgl_bundle.data.load_datalist`).
+        prepared_dir: where the arrays and ``manifest.json`` go (created).
+        hu_window: pretraining's HU window; its lower bound decides the foreground crop and the padding value.
+        pixdim: spacing to resample to; None keeps each file's own.
+        min_size: pad each volume up to this ``(x, y, z)`` (pretraining's largest crop).
+        min_image_size: least size of a usable source after resampling (the patch size); None: no check.
+        num_items: only the first ``num_items`` of the datalist.
+        num_workers: processes preparing volumes in parallel.
+        skip_bad: leave unusable sources out (listed once, in the log and the manifest) instead of raising.
+        require_hu: a source whose values do not look like Hounsfield units is unusable (else a warning).
+
+    Returns:
+        ``[{"image": path of a prepared .npy}, ...]`` for the usable sources, in datalist order.
+
+    Raises:
+        BadInputError: (without ``skip_bad``) some source cannot be used, after the others are prepared; the message
+            lists every file and its problem, as ``check_datalist`` does. Also when no source is usable.
+    """
+    os.makedirs(prepared_dir, exist_ok=True)
+    items = load_datalist(dataset_dir, keys=["image"], num_items=num_items, must_exist=False)
+    sources = [os.path.abspath(str(item["image"])) for item in items]
+    settings = _settings(hu_window, pixdim, min_size, min_image_size)
+    previous = _read_manifest(prepared_dir)
+    if previous is not None and previous.get("settings") != settings:
+        logger.info(f"{prepared_dir}: preparation settings changed, preparing every volume again")
+        previous = None
+    known = {v["source"]: v for v in previous["volumes"]} if previous else {}
+    entries, todo = {}, []
+    for source in sources:
+        stamp, old = _stamp(source), known.get(source)
+        done = old is not None and old.get("stamp") == stamp and stamp is not None
+        if done and ("problems" in old or os.path.isfile(os.path.join(prepared_dir, old.get("array", "")))):
+            entries[source] = old
+        else:
+            todo.append((source, stamp))
+    num_workers = max(1, num_workers)
+    if todo:
+        logger.info(f"preparing {len(todo)} of {len(sources)} volumes into {prepared_dir} ({num_workers} processes)")
+    last_write = time.monotonic()
+    with ProcessPoolExecutor(num_workers, initializer=_single_thread) as pool:
+        futures = {
+            pool.submit(_prepare_one, source, os.path.join(prepared_dir, _array_name(source)), settings, hu_window):
+            (source, stamp)
+            for source, stamp in todo
+        }
+        for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", disable=not futures):
+            source, stamp = futures[future]
+            entries[source] = {"stamp": stamp, **future.result()}
+            if time.monotonic() - last_write > _MANIFEST_EVERY_S:
+                _write_manifest(prepared_dir, settings, entries, sources)
+                last_write = time.monotonic()
+    # volumes of other datalists (or beyond num_items) stay while their source exists: a short run loses nothing
+    others = [s for s in known if s not in entries and known[s]["stamp"] is not None and _stamp(s) == known[s]["stamp"]]
+    entries.update({s: known[s] for s in others})
+    _write_manifest(prepared_dir, settings, entries, sources + others)
+    kept = {e["array"] for e in entries.values() if "array" in e}
+    for name in os.listdir(prepared_dir):  # arrays of sources gone or changed, and temporaries of a killed run
+        if name.endswith(".npy") and name not in kept:
+            os.remove(os.path.join(prepared_dir, name))
+    volumes = [{"source": s, **entries[s]} for s in sources]
+    _report_bad(volumes, {s for s, _ in todo}, len(sources), prepared_dir, skip_bad, require_hu)
+    return _good_items(prepared_dir, volumes, require_hu)
+
+
+def load_prepared(
+    prepared_dir: str,
+    hu_window: Sequence[float] = (-1024, 325),
+    pixdim: Sequence[float] | None = None,
+    min_size: Sequence[int] | None = (134, 134, 22),
+    min_image_size: Sequence[int] | None = (96, 96, 16),
+    num_items: int | None = None,
+    require_hu: bool = False,
+) -> list[dict]:
+    """The usable volumes of a prepared folder, from its manifest alone (no volume is read).
+
+    Raises:
+        InputNotFoundError: ``prepared_dir`` has no manifest.
+        BadInputError: it was prepared with other settings than these (names them), or holds no usable volume.
+    """
+    manifest = _read_manifest(prepared_dir)
+    if manifest is None:
+        raise InputNotFoundError(
+            f"{prepared_dir}: no {MANIFEST}; run the prepare stage first (docs/production.md)."
+        )
+    settings, stored = _settings(hu_window, pixdim, min_size, min_image_size), manifest["settings"]
+    differ = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+    if differ:
+        listing = ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in differ.items())
+        raise BadInputError(f"{prepared_dir}: prepared with other settings ({listing}); run the prepare stage again.")
+    volumes = manifest["volumes"][:num_items] if num_items is not None else manifest["volumes"]
+    _report_bad(volumes, set(), len(volumes), prepared_dir, skip_bad=True, require_hu=require_hu)
+    return _good_items(prepared_dir, volumes, require_hu)
+
+
+def training_datalist(
+    dataset_dir: str,
+    prepared_dir: str,
+    synthetic_dir: str,
+    cache_dir: str,
+    num_workers: int = 1,
+    skip_bad: bool = False,
+    **settings,
+) -> list[dict]:
+    """Pretraining's datalist of prepared volumes, whichever of ``dataset_dir`` / ``prepared_dir`` is given.
+
+    - ``prepared_dir`` alone: its manifest (:func:`load_prepared`);
+    - ``dataset_dir`` (or neither: the embedded synthetic set in ``synthetic_dir``): :func:`prepare` it into
+      ``prepared_dir``, or without one into a folder of ``cache_dir`` named after the source, reused by later runs.
+
+    Under ``torchrun``, rank 0 prepares while the others wait at a barrier (the process group's timeout bounds that
+    wait: prepare large sets beforehand). ``settings``: ``hu_window``, ``pixdim``, ``min_size``,
+    ``min_image_size``, ``num_items``, ``require_hu``, as in :func:`prepare`.
+    """
+    with idist.one_rank_first():
+        if prepared_dir and not dataset_dir:
+            return load_prepared(prepared_dir, **settings)
+        from . import resolve_dataset
+
+        source = os.path.abspath(resolve_dataset(dataset_dir, synthetic_dir))
+        if not prepared_dir:
+            name = os.path.basename(os.path.dirname(source) if source.endswith(".json") else source.rstrip(os.sep))
+            prepared_dir = os.path.join(cache_dir, f"{name}_{hashlib.sha1(source.encode()).hexdigest()[:10]}")
+            logger.info(f"no prepared_dir given: using the prepared-data cache {prepared_dir} for {source}")
+        return prepare(source, prepared_dir, num_workers=num_workers, skip_bad=skip_bad, **settings)

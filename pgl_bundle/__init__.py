@@ -6,7 +6,7 @@ Where each concept of the paper lives:
 - encoder: :mod:`pgl_bundle.networks.encoder`; heads: :mod:`pgl_bundle.networks.heads`
 - aligner: :mod:`pgl_bundle.networks.aligner`; dual-path module: :mod:`pgl_bundle.networks.dual_path`
 - loss: :mod:`pgl_bundle.losses`; EMA momentum: :mod:`pgl_bundle.ema`
-- trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`
+- trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`; its speed: :mod:`pgl_bundle.throughput`
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`
 - data and its checks: :mod:`pgl_bundle.data`
 - resume and multi-process runs: :mod:`pgl_bundle.handlers`, :mod:`pgl_bundle.distributed`
@@ -15,12 +15,13 @@ Where each concept of the paper lives:
 
 from .data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset, resolve_dataset
 from .distributed import EpochSeededDataset, ResumableSampler
-from .ema import TargetMomentumSchedule, byol_momentum
-from .engine import PrepareViews
+from .ema import ForeachEMAHandler, TargetMomentumSchedule, byol_momentum
+from .engine import NoLossScalingForBF16, PrepareViews
 from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, latest_checkpoint, resolve_resume
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency
 from .optimizers import LARS
+from .throughput import ThroughputHandler
 from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
 from .views import RandPGLViewsd
 

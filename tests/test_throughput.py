@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
-from pgl_bundle import ThroughputHandler
+from pgl_bundle import NoLossScalingForBF16, ThroughputHandler
 from pgl_bundle.data import make_synthetic_dataset
 
 
@@ -96,3 +96,17 @@ def test_training_reads_tensors_on_the_host_only_when_logging(repo_root, tmp_pat
     parser.get_parsed_content("training")
     assert trainer.state.iteration == 6
     assert {iteration for iteration, _ in reads if iteration} == {3, 6}, reads
+
+
+@pytest.mark.parametrize("dtype, scaling", [(torch.bfloat16, False), (torch.float16, True)])
+def test_bf16_runs_without_a_loss_scaler(dtype, scaling):
+    """MONAI's trainer makes an enabled GradScaler for any AMP dtype; its step reads an overflow flag on the host."""
+
+    class Trainer(Engine):
+        amp_kwargs = {"dtype": dtype}
+        scaler = torch.amp.GradScaler("cpu")  # what MONAI's run() sets before STARTED (a CUDA one on GPUs)
+
+    trainer = Trainer(lambda engine, batch: None)
+    NoLossScalingForBF16().attach(trainer)
+    trainer.run([0], max_epochs=1)
+    assert trainer.scaler.is_enabled() is scaling

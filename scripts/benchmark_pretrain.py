@@ -256,7 +256,8 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
               f"{tflops:.1f} TFLOP/s{share}")
         print(f"peak GPU memory of the step: {peak_gpu / 2**20:.0f} MiB")
         result.update(tflop_per_step=flops / 1e12, tflops=tflops, peak_tflops=peak_tflops,
-                      percent_of_peak=100 * tflops / peak_tflops if peak_tflops else None, peak_gpu_mib=peak_gpu / 2**20)
+                      percent_of_peak=100 * tflops / peak_tflops if peak_tflops else None,
+                      peak_gpu_mib=peak_gpu / 2**20)
     else:
         print(f"samples/s: {batch / total:.2f} view pairs")
     print(f"peak RSS: {rss_after / 1024:.0f} MiB (the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")

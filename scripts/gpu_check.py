@@ -16,6 +16,7 @@ Smoke test on a CPU (tiny network and patch, no torch.compile rows, a 90-second 
 
     python scripts/gpu_check.py --out /tmp/gpu_check --tiny --data ../shared/data/unlabeled --budget 1200 \
         --slowdown 4
+    python scripts/gpu_check.py --out /tmp/gpu_check --tiny --data ../shared/data/unlabeled --real_only 4  # step 3
 
 Steps, in order of priority:
 
@@ -46,6 +47,8 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NETWORK = {"layers": [1, 1, 1, 1], "width": [8, 8, 8, 8], "patch": [32, 32, 16], "hidden": 32}
+TINY_RUN = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
+            "hidden_channels": 32}
 EAGER_SETTINGS = [  # name, benchmark flags; each row adds its option to the row before
     ("fp32", []),
     ("+ bf16 autocast", ["--amp"]),
@@ -183,6 +186,7 @@ def main() -> None:
     parser.add_argument("--real_seconds", type=float, default=None, help="default: 180, or 90 with --tiny")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny network, no compile rows")
     parser.add_argument("--slowdown", type=float, default=1.0, help="multiplies each step's time limit")
+    parser.add_argument("--real_only", type=int, default=0, help="only step 3, the real run, at this batch")
     opts = parser.parse_args()
     os.makedirs(opts.out, exist_ok=True)
     if not os.path.isdir(opts.data):
@@ -195,6 +199,10 @@ def main() -> None:
     network = TINY_NETWORK if opts.tiny else {}
     batches = (2, 4) if opts.tiny else (32, 64, 96, 128)
     first = batches[0]
+    run_overrides = {**TINY_RUN, "num_workers": 0} if opts.tiny else {"num_workers": min(12, os.cpu_count() or 1)}
+    if opts.real_only:
+        check.real_run(opts.real_only, opts.data, opts.real_seconds or (90 if opts.tiny else 180), run_overrides)
+        return finish(check, opts.out)
     threads = ["--threads=2"] if opts.tiny else []
     for name, flags in EAGER_SETTINGS:  # 1.
         check.bench(name, first, flags + threads, network)
@@ -207,10 +215,7 @@ def main() -> None:
         else:
             break
     largest = fitting[-1]
-    tiny_run = {"encoder_layers": TINY_NETWORK["layers"], "encoder_width": TINY_NETWORK["width"],
-                "patch_size": TINY_NETWORK["patch"], "hidden_channels": TINY_NETWORK["hidden"], "num_workers": 0}
-    real = check.real_run(largest, opts.data, opts.real_seconds or (90 if opts.tiny else 180),  # 3.
-                          tiny_run if opts.tiny else {"num_workers": min(12, os.cpu_count() or 1)})
+    real = check.real_run(largest, opts.data, opts.real_seconds or (90 if opts.tiny else 180), run_overrides)  # 3.
     isolated = check.bench("GPU defaults (+ compile)" if not opts.tiny else "CPU defaults (fp32, eager)", largest,
                            ["--noparts", "--threads=2"] if opts.tiny else COMPILED, network, limit=240)  # 4.
     if real and isolated:
@@ -219,9 +224,13 @@ def main() -> None:
     if not opts.tiny:  # 5.
         for mode in ("reduce-overhead", "max-autotune"):
             check.bench(f"+ torch.compile ({mode})", first, [*COMPILED, f"--compile_mode={mode}"], network, limit=300)
-    with open(os.path.join(opts.out, "results.json"), "w") as f:
+    finish(check, opts.out)
+
+
+def finish(check: Check, out: str) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(check.results, f, indent=1)
-    with open(os.path.join(opts.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table(check.results))
     check.say("\n" + table(check.results))
 

@@ -6,7 +6,7 @@ Where each concept of the paper lives:
 - encoder: :mod:`pgl_bundle.networks.encoder`; heads: :mod:`pgl_bundle.networks.heads`
 - aligner: :mod:`pgl_bundle.networks.aligner`; dual-path module: :mod:`pgl_bundle.networks.dual_path`
 - loss: :mod:`pgl_bundle.losses`; EMA momentum: :mod:`pgl_bundle.ema`
-- trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`
+- trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`; its speed: :mod:`pgl_bundle.throughput`
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`
 - data and its checks: :mod:`pgl_bundle.data`
 - resume and multi-process runs: :mod:`pgl_bundle.handlers`, :mod:`pgl_bundle.distributed`
@@ -27,13 +27,14 @@ from .data import (
 )
 from .distributed import EpochSeededDataset, ResumableSampler
 from .errors import UserError, report_user_errors_last
-from .ema import TargetMomentumSchedule, byol_momentum
-from .engine import PrepareViews
+from .ema import ForeachEMAHandler, TargetMomentumSchedule, byol_momentum
+from .engine import NoLossScalingForBF16, PrepareViews
 from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, check_free_space, latest_checkpoint, resolve_resume
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency
 from .optimizers import LARS
 from .run_folder import RunFolder
+from .throughput import ThroughputHandler
 from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
 from .views import RandPGLViewsd
 

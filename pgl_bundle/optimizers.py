@@ -37,26 +37,36 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One update of every parameter with a gradient, in multi-tensor (``torch._foreach_*``) kernels: a few
+        launches per parameter group instead of about ten per tensor, which dominate a GPU step's optimizer time."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.norm(p), torch.linalg.norm(update)
-                    trust = torch.where(
-                        (w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0
-                    )
-                    update = update * trust
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            weights = [i for i, p in enumerate(params) if p.ndim > 1]
+            if weights:
+                w = [params[i] for i in weights]
+                scaled = torch._foreach_add([updates[i] for i in weights], w, alpha=group["weight_decay"])
+                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(scaled))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0)
+                torch._foreach_mul_(scaled, list(trust.to(scaled[0].dtype).unbind()))
+                for i, update in zip(weights, scaled):
+                    updates[i] = update
+            buffers = []
+            for p, update in zip(params, updates):
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.clone()
+                if "momentum_buffer" in state:
+                    buffers.append((state["momentum_buffer"], update))
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                    state["momentum_buffer"] = update.clone()
+            if buffers:
+                momentum, new = [b for b, _ in buffers], [u for _, u in buffers]
+                torch._foreach_mul_(momentum, group["momentum"])
+                torch._foreach_add_(momentum, new)
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
         return loss

@@ -4,12 +4,15 @@
     python scripts/benchmark_pretrain.py step --method pgl --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
     python scripts/benchmark_pretrain.py step --method byol --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
     python scripts/benchmark_pretrain.py step --method pgl --batch 32 --amp --peak_tflops 989  # on a GPU
+    python scripts/benchmark_pretrain.py step --batch 128 --amp --channels_last --cudnn_benchmark --fused --compile \
+        --noparts  # the GPU defaults of configs/pretrain.json; scripts/gpu_check.py runs every setting
 
 Prints figures and ratios (numbers go to docs/benchmarks.md); asserts nothing.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 
@@ -88,12 +91,22 @@ def views(image: str = "../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz", patch=
     print(f"ratio:       {pgl_rate / stock_rate:8.1f}x")
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _timed(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):  # cuDNN autotuning, torch.compile, CUDA graph recording
+        fn()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM; H200 = H100's chip, more memory
+
+
+def _peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of the GPU named like one in :data:`PEAK_BF16_TFLOPS`, else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def _network(method: str, device: torch.device, **overrides):
@@ -107,20 +120,28 @@ def _network(method: str, device: torch.device, **overrides):
 def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), block: str = "bottleneck",
          patch=(96, 96, 16), batch: int = 2, hidden: int = 4096, repeats: int = 3, threads=None, amp: bool = False,
          amp_dtype: str = "bfloat16", activation_checkpointing: bool = False, channels_last: bool = False,
-         peak_tflops: float | None = None):
+         peak_tflops: float | None = None, cudnn_benchmark: bool = False, fused: bool = False, compile: bool = False,
+         compile_mode: str = "default", parts: bool = True, warmup: int = 1):
     """One pretraining step (``method`` "pgl" or "byol") split into encoder passes and everything else; peak memory.
 
-    With ``amp``, every part runs under ``torch.autocast(amp_dtype)`` as the trainer runs it. On CUDA it also prints
-    samples (view pairs) per second and the arithmetic rate (FLOPs of one step counted by PyTorch's
-    ``FlopCounterMode``), as a fraction of ``peak_tflops`` when given (e.g. 989 for an H100 SXM's dense bf16).
+    With ``amp``, every part runs under ``torch.autocast(amp_dtype)`` as the trainer runs it. The speed options are
+    those of configs/pretrain.json: ``cudnn_benchmark``, ``fused`` (Adam's fused kernel, and the EMA update in one
+    multi-tensor kernel as :class:`pgl_bundle.ForeachEMAHandler` does it), ``compile`` (the whole dual-path network,
+    as MONAI's trainer compiles it, in ``compile_mode``; the parts are then not timed: they are eager modules). On
+    CUDA it also prints samples (view pairs) per second and the arithmetic rate (FLOPs of one step counted by
+    PyTorch's ``FlopCounterMode`` on the eager step), as a fraction of ``peak_tflops`` (by default the dense bf16
+    peak of a GPU named in :data:`PEAK_BF16_TFLOPS`). The last line, ``RESULT {...}``, is the same as JSON.
     """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    peak_tflops = peak_tflops or _peak_tflops(device)
     net, loss_fn, optimizer = _network(
         method, device, encoder_layers=list(layers), encoder_width=list(width), encoder_block=block,
         hidden_channels=hidden, activation_checkpointing=activation_checkpointing, channels_last=channels_last,
+        fused_optimizer=fused,
     )
     autocast = torch.autocast(device.type, dtype=getattr(torch, amp_dtype), enabled=amp)
     views = [torch.rand(batch, 1, *patch, device=device) for _ in range(2)]
@@ -133,19 +154,34 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def ema_update():  # what ignite's EMAHandler does after each iteration
+    def ema_update():  # what ignite's EMAHandler (fused: pgl_bundle.ForeachEMAHandler) does after each iteration
         with torch.no_grad():
+            if fused:
+                torch._foreach_lerp_(list(net.target.parameters()), list(net.online.parameters()), 0.004)
+                return
             for t, o in zip(net.target.parameters(), net.online.parameters()):
                 t.mul_(0.996).add_(o, alpha=0.004)
 
-    def full_step():
-        optimizer.zero_grad()
-        with autocast:
-            loss = loss_fn(net(*views, geometry, geometry))
-        loss.backward()
-        optimizer.step()
-        ema_update()
-        sync()
+    def make_step(forward):
+        def full_step():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_fn(forward(*views, geometry, geometry))
+            loss.backward()
+            optimizer.step()
+            ema_update()
+            sync()
+
+        return full_step
+
+    full_step = make_step(net)
+    flops = 0
+    if device.type == "cuda":  # counted on the eager step
+        with FlopCounterMode(display=False) as counter:
+            full_step()
+        flops = counter.get_total_flops()
+    if compile:
+        full_step = make_step(torch.compile(net, mode=compile_mode))
 
     both = torch.cat(views)
     with autocast:
@@ -196,35 +232,45 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    total = _timed(full_step, repeats)
+    start = time.perf_counter()
+    total = _timed(full_step, repeats, warmup=max(warmup, 3 if compile else 1))
+    wall = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    parts = {"encoder passes": _timed(encoder_passes, repeats), "heads": _timed(head_passes, repeats)}
-    if net.aligner is not None:
-        parts["aligner"] = _timed(aligner_passes, repeats)
-    parts["loss"] = _timed(loss_pass, repeats)
-    parts["optimizer + EMA"] = _timed(optimizer_and_ema, repeats)
-    parts_total = sum(parts.values())
-    rest = parts_total - parts["encoder passes"]
     options = [o for o, on in (("amp " + amp_dtype, amp), ("activation checkpointing", activation_checkpointing),
-                                ("channels-last", channels_last)) if on]
+                                ("channels-last", channels_last), ("cudnn.benchmark", cudnn_benchmark),
+                                ("fused optimizer + foreach EMA", fused), (f"compile {compile_mode}", compile)) if on]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{method}: {name}, layers {list(layers)}, width {list(width)}, patch {list(patch)}, batch {batch}, "
           f"hidden {hidden}, {', '.join(options) or 'fp32'}")
-    print(f"measured step:   {total * 1000:9.1f} ms (sum of the parts below: {parts_total * 1000:.1f} ms)")
-    for name, seconds in parts.items():
-        print(f"  {name:16s}{seconds * 1000:9.1f} ms  ({100 * seconds / parts_total:5.1f} % of the parts)")
-    aligner_share = 100 * parts.get("aligner", 0.0) / parts_total
-    print(f"everything but the encoder: {100 * rest / parts_total:5.1f} %; aligner alone: {aligner_share:5.2f} %")
+    print(f"measured step:   {total * 1000:9.1f} ms (warm-up and timed steps took {wall:.1f} s)")
+    if parts:
+        timed = {"encoder passes": _timed(encoder_passes, repeats), "heads": _timed(head_passes, repeats)}
+        if net.aligner is not None:
+            timed["aligner"] = _timed(aligner_passes, repeats)
+        timed["loss"] = _timed(loss_pass, repeats)
+        timed["optimizer + EMA"] = _timed(optimizer_and_ema, repeats)
+        parts_total = sum(timed.values())
+        rest = parts_total - timed["encoder passes"]
+        print(f"sum of the parts below (eager): {parts_total * 1000:.1f} ms")
+        for part, seconds in timed.items():
+            print(f"  {part:16s}{seconds * 1000:9.1f} ms  ({100 * seconds / parts_total:5.1f} % of the parts)")
+        aligner_share = 100 * timed.get("aligner", 0.0) / parts_total
+        print(f"everything but the encoder: {100 * rest / parts_total:5.1f} %; aligner alone: {aligner_share:5.2f} %")
+    result = {"device": name, "batch": batch, "options": options, "step_ms": 1000 * total, "pairs_per_s": batch / total}
     if device.type == "cuda":
-        with FlopCounterMode(display=False) as counter:
-            full_step()
-        tflops = counter.get_total_flops() / total / 1e12
+        tflops = flops / total / 1e12
         share = f" = {100 * tflops / peak_tflops:.1f} % of {peak_tflops:g} TFLOP/s" if peak_tflops else ""
-        print(f"samples/s: {batch / total:.1f} view pairs; {counter.get_total_flops() / 1e12:.2f} TFLOP per step, "
+        print(f"samples/s: {batch / total:.1f} view pairs; {flops / 1e12:.2f} TFLOP per step, "
               f"{tflops:.1f} TFLOP/s{share}")
         print(f"peak GPU memory of the step: {peak_gpu / 2**20:.0f} MiB")
+        result.update(tflop_per_step=flops / 1e12, tflops=tflops, peak_tflops=peak_tflops,
+                      percent_of_peak=100 * tflops / peak_tflops if peak_tflops else None,
+                      peak_gpu_mib=peak_gpu / 2**20)
+    else:
+        print(f"samples/s: {batch / total:.2f} view pairs")
     print(f"peak RSS: {rss_after / 1024:.0f} MiB (the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

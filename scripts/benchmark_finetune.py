@@ -1,18 +1,20 @@
 """Benchmark of one fine-tuning step: the bundle's PGLSegmentationNet against a plain MONAI UNet, side by side.
 
     python scripts/benchmark_finetune.py --threads 2
-    python scripts/benchmark_finetune.py --threads 2 --resnet50 True   # adds ResNet-50 (tens of seconds per step)
+    python scripts/benchmark_finetune.py --threads 2 --time_resnet50 True   # also times ResNet-50 (slow on CPU)
 
 A step is forward, DiceCE loss, backward and AdamW on a batch of ``batch`` patches (2 images x 2 crops = 4 in the
 recipe of docs/results.md). FLOPs are PyTorch's ``FlopCounterMode`` count of convolutions (forward and backward),
-split into encoder, decoder and head. Prints figures and ratios to the UNet (numbers go to docs/benchmarks.md);
-asserts nothing.
+on the meta device, with the forward's split into encoder, decoder and head. Prints figures and ratios to the UNet
+(numbers go to docs/benchmarks.md); asserts nothing.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import fire
 import torch
@@ -48,8 +50,9 @@ class OldDecoderStage(nn.Module):
         return self.block(torch.cat([self.upsample(x), skip], dim=1))
 
 
-def old_network(encoder: PGLResNetEncoder, widths=(256, 128, 64, 32, 16)) -> PGLSegmentationNet:
+def old_network(encoder_args: dict, widths=(256, 128, 64, 32, 16)) -> PGLSegmentationNet:
     """PGLSegmentationNet with the old decoder (same encoder, same head)."""
+    encoder = PGLResNetEncoder(**encoder_args)
     net = PGLSegmentationNet(encoder, 2, decoder_channels=widths)
     skips = (encoder.conv1.in_channels, *encoder.out_channels[:-1])[::-1]
     net.decoder = nn.ModuleList(
@@ -60,27 +63,34 @@ def old_network(encoder: PGLResNetEncoder, widths=(256, 128, 64, 32, 16)) -> PGL
     return net
 
 
-def _networks(resnet50: bool, decoders) -> dict[str, torch.nn.Module]:
-    nets = {"MONAI UNet (reference)": reference_unet()}
+def _networks(resnet50: bool, decoders) -> dict[str, Callable[[], nn.Module]]:
+    """Name -> constructor (called on the meta device to count FLOPs, on the CPU to time)."""
+    nets = {"MONAI UNet (reference)": reference_unet}
     encoders = {"small [1,1,1,1] x [32..256]": SMALL} | ({"ResNet-50": RESNET50} if resnet50 else {})
     for name, encoder in encoders.items():
-        nets[f"PGL {name}, old decoder [256,128,64,32,16]"] = old_network(PGLResNetEncoder(**encoder))
+        nets[f"PGL {name}, old decoder [256,128,64,32,16]"] = partial(old_network, encoder)
         for widths in decoders:
-            nets[f"PGL {name}, light decoder {list(widths)}"] = PGLSegmentationNet(
-                PGLResNetEncoder(**encoder), 2, decoder_channels=widths)
+            nets[f"PGL {name}, light decoder {list(widths)}"] = partial(
+                lambda e, w: PGLSegmentationNet(PGLResNetEncoder(**e), 2, decoder_channels=w), encoder, widths)
     return nets
 
 
-def _flops(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss) -> dict[str, float]:
-    """GFLOP of one forward + backward, total and per top-level module."""
+def _flops(build: Callable[[], nn.Module], batch: int, patch) -> dict[str, float]:
+    """GFLOP of one forward + backward (``total``), and the forward's share of the encoder, decoder and head (%).
+
+    Counted on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        net, x = build(), torch.empty(batch, 1, *patch)
     with FlopCounterMode(display=False) as counter:
-        loss(net(x), y).backward()
-    net.zero_grad(set_to_none=True)
-    per_module = counter.get_flop_counts()
-    top = {name.split(".")[-1]: sum(v.values()) / 1e9 for name, v in per_module.items() if name.count(".") == 1}
-    # the decoder is a ModuleList (never called itself): sum its stages
-    top["decoder"] = sum(sum(v.values()) for k, v in per_module.items() if k.count(".") == 2 and ".decoder." in k) / 1e9
-    return {"total": counter.get_total_flops() / 1e9, **top}
+        net(x).logsumexp(1).mean().backward()
+    total = counter.get_total_flops() / 1e9
+    with FlopCounterMode(display=False) as counter:
+        net(x)
+    counts = {k.split(".", 1)[-1]: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    forward = counter.get_total_flops()
+    parts = {"encoder": counts.get("encoder", 0), "head": counts.get("head", 0)}
+    parts["decoder"] = sum(v for k, v in counts.items() if k.count(".") == 1 and k.startswith("decoder."))
+    return {"total": total, **{k: 100 * v / forward for k, v in parts.items()}}
 
 
 def _step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> float:
@@ -96,33 +106,30 @@ def _step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss, rep
     return statistics.median(times)
 
 
-def main(patch=(96, 96, 32), batch: int = 4, threads: int = 2, repeats: int = 5, resnet50: bool = False,
-         decoders=((128, 64, 32, 16, 16), (64, 32, 16, 16, 16))) -> None:
+def main(patch=(96, 96, 32), batch: int = 4, threads: int = 2, repeats: int = 5, resnet50: bool = True,
+         time_resnet50: bool = False, decoders=((128, 64, 32, 16, 16), (64, 32, 16, 16, 16))) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.rand(batch, 1, *patch)
     y = (torch.rand(batch, 1, *patch) > 0.9).float()
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     rows = []
-    for name, net in _networks(resnet50, decoders).items():
-        net.train()
-        flops = _flops(net, x, y, loss)
-        seconds = _step_time(net, x, y, loss, repeats if "ResNet-50" not in name else max(1, repeats // 2))
-        params = sum(p.numel() for p in net.parameters()) / 1e6
-        rows.append((name, seconds, flops, params))
-        print(f"{name}: {seconds:.3f} s/step, {flops['total']:.1f} GFLOP/step "
-              f"({', '.join(f'{k} {v:.1f}' for k, v in flops.items() if k != 'total')}), {params:.2f} M params",
-              flush=True)
+    for name, build in _networks(resnet50, decoders).items():
+        flops = _flops(build, batch, patch)
+        seconds = None
+        if time_resnet50 or "ResNet-50" not in name:
+            seconds = _step_time(build().train(), x, y, loss, repeats)
+        rows.append((name, seconds, flops))
+        print(f"{name}: {seconds} s/step, {flops}", flush=True)
     ref_time, ref_flops = rows[0][1], rows[0][2]["total"]
     print(f"\npatch {list(patch)}, batch {batch}, {threads} threads, fp32, median of {repeats} steps\n")
-    print("| network | step (s) | x UNet | GFLOP / step | x UNet | encoder | decoder | head | params (M) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, seconds, flops, params in rows:
-        parts = [f"{flops.get(k, 0.0):.1f}" for k in ("encoder", "decoder", "head")]
-        if name == rows[0][0]:
-            parts = ["-", "-", "-"]
-        print(f"| {name} | {seconds:.2f} | {seconds / ref_time:.1f} | {flops['total']:.1f} | "
-              f"{flops['total'] / ref_flops:.1f} | {' | '.join(parts)} | {params:.2f} |")
+    print("| network | step (s) | x UNet | GFLOP / step | x UNet | forward: encoder | decoder | head |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, seconds, flops in rows:
+        step = "- | -" if seconds is None else f"{seconds:.2f} | {seconds / ref_time:.1f}"
+        parts = " | ".join(f"{flops[k]:.0f} %" for k in ("encoder", "decoder", "head"))
+        parts = "- | - | -" if name == rows[0][0] else parts
+        print(f"| {name} | {step} | {flops['total']:.1f} | {flops['total'] / ref_flops:.1f} | {parts} |")
 
 
 if __name__ == "__main__":

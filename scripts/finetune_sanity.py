@@ -66,7 +66,8 @@ def main(labelled: str, output_dir: str = "runs/sanity", networks=("unet", "bund
                     rows += [(network, f"{window[0]},{window[1]}", n_iter, seed, c, d) for c, d in cases]
                     dice = [d for _, d in cases]
                     print(f"{network} window {list(window)} {n_iter} it seed {seed}: mean test Dice "
-                          f"{statistics.mean(dice):.3f} (sd {statistics.stdev(dice):.3f}, {len(dice)} cases)", flush=True)
+                          f"{statistics.mean(dice):.3f} (sd {statistics.stdev(dice):.3f}, {len(dice)} cases)",
+                          flush=True)
     with open(os.path.join(output_dir, "sanity.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("network", "window", "iterations", "seed", "case", "dice"), *rows])
 

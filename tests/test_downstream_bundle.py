@@ -252,8 +252,11 @@ def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
 
 
 def test_window_is_one_setting_for_every_stage(repo_root):
-    """A pretrained encoder expects its pretraining window: every workflow has the same default, no overlay moves it."""
+    """A pretrained encoder expects its pretraining window: every workflow has the same default, no overlay moves it;
+    inference builds the network that training saved."""
     configs = {c.name: json.loads(c.read_text()) for c in (repo_root / "configs").glob("*.json")}
     windows = {name: c["hu_window"] for name, c in configs.items() if "hu_window" in c}
     assert set(windows) == {"pretrain.json", "train.json", "inference.json"}
     assert all(w == [-200, 300] for w in windows.values()), windows
+    shared = ("patch_size", "encoder_layers", "encoder_block", "encoder_width", "decoder_channels", "label_names")
+    assert {k: configs["inference.json"][k] for k in shared} == {k: configs["train.json"][k] for k in shared}

@@ -106,9 +106,10 @@ class PGLSegmentationNet(nn.Module):
         in_channels = (encoder.out_channels[-1], *decoder_channels[:-1])
         stage_skips = skip_channels[::-1]  # deepest first, like the decoder
         scales = encoder.stage_strides[::-1]  # each decoder stage undoes one encoder stride
+        blocks = [True] * (len(scales) - 1) + [full_resolution_block]
         self.decoder = nn.ModuleList(
-            DecoderStage(c_in, c_skip, c_out, scale, norm=norm, dropout=dropout, conv_block=i < len(scales) - 1 or full_resolution_block)
-            for i, (c_in, c_skip, c_out, scale) in enumerate(zip(in_channels, stage_skips, decoder_channels, scales))
+            DecoderStage(c_in, c_skip, c_out, scale, norm=norm, dropout=dropout, conv_block=block)
+            for c_in, c_skip, c_out, scale, block in zip(in_channels, stage_skips, decoder_channels, scales, blocks)
         )
         self.head = UnetOutBlock(3, decoder_channels[-1], out_channels, dropout=dropout)
 

@@ -89,8 +89,8 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "model": {"encoder_layers": [1, 1, 1, 1], "encoder_block": "bottleneck", "encoder_width": [32, 64, 128, 256]},
         "pretrain": {"patch_size": [64, 64, 16], "hidden_channels": 1024, "batch_size": 4, "learning_rate": 0.001},
-        "finetune": {"patch_size": [64, 64, 32], "batch_size": 2, "num_samples": 2, "num_iterations": 300,
-                     "val_interval": 100, "warmup_iterations": 25},
+        "finetune": {"patch_size": [64, 64, 32], "batch_size": 2, "num_samples": 2, "num_iterations": 240,
+                     "val_interval": 80, "warmup_iterations": 20},
         "pretrain_epochs": [20], "learning_rates": [3e-4, 1e-3], "encoder_lr_scale": 0.1, "budgets": [5],
         "seeds": [0, 1, 2], "num_val_cases": 2, "num_test_cases": 10,
     },

@@ -49,7 +49,7 @@ def test_default_decoder_is_light_for_resnet50():
     net = PGLSegmentationNet(PGLResNetEncoder(layers=(1, 1, 1, 1)), 2)
     stages = [(s.upsample.deconv.in_channels, s.skip.conv.in_channels, s.skip.conv.out_channels) for s in net.decoder]
     # in: 2048 from the last stage; skips: the 1024, 512, 256 stages, the 64-channel stem, the 1-channel image
-    assert stages == [(2048, 1024, 128), (128, 512, 64), (64, 256, 32), (32, 64, 16), (16, 1, 16)]
+    assert stages == [(2048, 1024, 64), (64, 512, 32), (32, 256, 16), (16, 64, 16), (16, 1, 16)]
     convs = [sum(isinstance(m, torch.nn.Conv3d) for m in s.block.modules()) for s in net.decoder]
     assert convs == [2, 2, 2, 2, 0]
     full = PGLSegmentationNet(PGLResNetEncoder(layers=(1, 1, 1, 1)), 2, full_resolution_block=True)

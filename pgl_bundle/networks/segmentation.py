@@ -90,7 +90,7 @@ class PGLSegmentationNet(nn.Module):
         self,
         encoder: PGLResNetEncoder,
         out_channels: int,
-        decoder_channels: Sequence[int] = (128, 64, 32, 16, 16),
+        decoder_channels: Sequence[int] = (64, 32, 16, 16, 16),
         norm: str | tuple = "instance",
         dropout: float = 0.0,
         full_resolution_block: bool = False,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from pgl_bundle.compare import PRESETS, Arm, _arms, compare, select_learning_rates
+from pgl_bundle.compare import PRESETS, Arm, _arms, _best_validation_dice, compare, select_learning_rates
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,9 @@ def test_byol_config_properties(repo_root):
     workflow.initialize()
     assert not workflow.check_properties()
     assert workflow.parser.get_parsed_content("network_def").aligner is None
+
+
+def test_a_training_without_validation_is_an_error_naming_its_log(tmp_path):
+    (tmp_path / "log.txt").write_text("Epoch: 1/1, Iter: 1/1 -- train_loss: 1.0\n")
+    with pytest.raises(RuntimeError, match=re.escape(f"{tmp_path}/log.txt: the training logged no validation")):
+        _best_validation_dice(str(tmp_path))

@@ -260,3 +260,21 @@ def test_window_is_one_setting_for_every_stage(repo_root):
     assert all(w == [-200, 300] for w in windows.values()), windows
     shared = ("patch_size", "encoder_layers", "encoder_block", "encoder_width", "decoder_channels", "label_names")
     assert {k: configs["inference.json"][k] for k in shared} == {k: configs["train.json"][k] for k in shared}
+
+
+def test_encoder_gets_its_own_learning_rate_and_every_group_a_warm_up(repo_root):
+    parser = ConfigParser()
+    parser.read_config(config(repo_root, "train.json"))
+    parser.update({**SMALL, "learning_rate": 1e-3, "encoder_lr_scale": 0.1, "warmup_iterations": 10,
+                   "num_iterations": 100})
+    net, optimizer = parser.get_parsed_content("network_def"), parser.get_parsed_content("optimizer")
+    encoder, rest = optimizer.param_groups
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in net.encoder.parameters()}
+    assert {id(p) for p in rest["params"]} == {id(p) for p in net.parameters()} - {id(p) for p in encoder["params"]}
+    assert (encoder["lr"], rest["lr"]) == pytest.approx((1e-4, 1e-3))
+    scheduler = parser.get_parsed_content("lr_scheduler")  # per iteration: 0 at the start, the peak after warm-up
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3], rel=0.01)

@@ -70,7 +70,7 @@ def test_pretraining_ranks_share_online_and_target_weights(repo_root, tmp_path, 
 def test_finetuning_ranks_share_weights(repo_root, tmp_path, synthetic):
     _, rank0, rank1 = torchrun(
         repo_root, tmp_path, ["configs/train.json", "configs/multi_gpu_train.json"],
-        {**TINY_TRAIN, "dataset_dir": synthetic, "max_epochs": 2},
+        {**TINY_TRAIN, "dataset_dir": synthetic, "num_iterations": 2, "val_interval": 1},
     )
     assert_same_parameters(rank0, rank1, set(rank0))  # the evaluator's forward re-broadcasts rank 0's BN buffers
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()

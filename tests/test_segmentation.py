@@ -44,13 +44,16 @@ def test_encoder_names_are_the_pretraining_encoders():
     assert {k for k in net.state_dict() if k.startswith("encoder.")} == {f"encoder.{k}" for k in theirs}
 
 
-def test_default_decoder_matches_resnet50_widths():
+def test_default_decoder_is_light_for_resnet50():
+    """Skips are projected (1x1x1) to the decoder's width and added; the full-resolution stage has no 3x3x3 block."""
     net = PGLSegmentationNet(PGLResNetEncoder(layers=(1, 1, 1, 1)), 2)
-    stages = [(s.upsample.deconv.in_channels, s.block.conv1.conv.in_channels, s.block.conv2.conv.out_channels)
-              for s in net.decoder]
-    # in: 2048 from the last stage; concatenated: upsampled + skip (1024, 512, 256 stages, 64 stem, 1 image)
-    assert stages == [(2048, 256 + 1024, 256), (256, 128 + 512, 128), (128, 64 + 256, 64), (64, 32 + 64, 32),
-                      (32, 16 + 1, 16)]
+    stages = [(s.upsample.deconv.in_channels, s.skip.conv.in_channels, s.skip.conv.out_channels) for s in net.decoder]
+    # in: 2048 from the last stage; skips: the 1024, 512, 256 stages, the 64-channel stem, the 1-channel image
+    assert stages == [(2048, 1024, 64), (64, 512, 32), (32, 256, 16), (16, 64, 16), (16, 1, 16)]
+    convs = [sum(isinstance(m, torch.nn.Conv3d) for m in s.block.modules()) for s in net.decoder]
+    assert convs == [2, 2, 2, 2, 0]
+    full = PGLSegmentationNet(PGLResNetEncoder(layers=(1, 1, 1, 1)), 2, full_resolution_block=True)
+    assert sum(isinstance(m, torch.nn.Conv3d) for m in full.decoder[-1].block.modules()) == 2
 
 
 def test_wrong_number_of_decoder_channels_is_refused():

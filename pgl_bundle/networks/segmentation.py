@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UpSample
+from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock, UpSample
 from torch import nn
 
 from pgl_bundle.networks.encoder import PGLResNetEncoder
@@ -17,19 +17,23 @@ __all__ = ["DecoderStage", "PGLSegmentationNet"]
 
 
 class DecoderStage(nn.Module):
-    """Upsample by ``scale``, concatenate the skip, two 3x3x3 convolutions (``UnetBasicBlock``).
+    """Upsample by ``scale``, add the skip projected to the stage's width, then (optionally) two 3x3x3 convolutions.
 
-    MONAI's ``UnetUpBlock`` / ``UnetrUpBlock`` require the skip to have the block's output width, and ``UpCat`` (used
-    by ``FlexibleUNet``'s decoder) upsamples by 2 on every axis. The encoder's skips are wider than a light decoder
-    and its strides are anisotropic, so this stage composes the same MONAI blocks with both free.
+    The skip is projected by a 1x1x1 convolution and added, not concatenated: the encoder's skips are 2-8x wider than
+    a light decoder (a bottleneck ResNet's first stage gives 4 x 64 channels at half resolution), and a 3x3x3
+    convolution over the concatenation cost most of a step (docs/benchmarks.md, section 4). MONAI's ``UnetUpBlock`` /
+    ``UnetrUpBlock`` concatenate and ``UpCat`` upsamples by 2 on every axis; the encoder's strides are anisotropic,
+    so this stage composes MONAI blocks (``UpSample``, ``Convolution``, ``UnetBasicBlock``) with both free.
 
     Args:
         in_channels: channels of the deeper input.
         skip_channels: channels of the skip connection.
         out_channels: output channels.
         scale: upsampling factor per axis ``(x, y, z)`` (a transposed convolution with ``kernel = stride = scale``).
-        norm: normalisation of the convolution block, as MONAI names it.
+        norm: normalisation of the convolutions, as MONAI names it.
         dropout: dropout rate of the convolution block.
+        conv_block: whether the sum goes through two 3x3x3 convolutions (``UnetBasicBlock``); without them the stage
+            is linear upsampling plus the skip, what the last, full-resolution stage of a light decoder needs.
 
     Shapes: ``(B, in_channels, *s)`` and ``(B, skip_channels, *(s * scale)) -> (B, out_channels, *(s * scale))``.
     """
@@ -42,15 +46,19 @@ class DecoderStage(nn.Module):
         scale: Sequence[int],
         norm: str | tuple = "instance",
         dropout: float = 0.0,
+        conv_block: bool = True,
     ) -> None:
         super().__init__()
         self.upsample = UpSample(3, in_channels, out_channels, scale_factor=tuple(scale), mode="deconv")
-        self.block = UnetBasicBlock(
-            3, out_channels + skip_channels, out_channels, kernel_size=3, stride=1, norm_name=norm, dropout=dropout
+        self.skip = Convolution(3, skip_channels, out_channels, kernel_size=1, norm=norm, act="leakyrelu")
+        self.block = (
+            UnetBasicBlock(3, out_channels, out_channels, kernel_size=3, stride=1, norm_name=norm, dropout=dropout)
+            if conv_block
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.block(torch.cat([self.upsample(x), skip], dim=1))
+        return self.block(self.upsample(x) + self.skip(skip))
 
 
 class PGLSegmentationNet(nn.Module):
@@ -69,6 +77,10 @@ class PGLSegmentationNet(nn.Module):
             maps (5 stages for the stem and four ResNet stages).
         norm: normalisation of the decoder (the encoder keeps its own).
         dropout: dropout rate of the decoder and the head (MONAI Label's epistemic scoring sets it).
+        full_resolution_block: whether the last, full-resolution stage has its two 3x3x3 convolutions. Off by
+            default: at full resolution they cost as much as the whole encoder (docs/benchmarks.md, section 4);
+            like MONAI's ``UNet``, whose last level is a transposed convolution, the last stage then only upsamples
+            and adds the image.
 
     Input ``(B, C, x, y, z)`` with sizes divisible by ``encoder.output_stride`` ((16, 16, 8) by default); output: logits
     ``(B, out_channels, x, y, z)``.
@@ -78,9 +90,10 @@ class PGLSegmentationNet(nn.Module):
         self,
         encoder: PGLResNetEncoder,
         out_channels: int,
-        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        decoder_channels: Sequence[int] = (64, 32, 16, 16, 16),
         norm: str | tuple = "instance",
         dropout: float = 0.0,
+        full_resolution_block: bool = False,
     ) -> None:
         super().__init__()
         skip_channels = (encoder.conv1.in_channels, *encoder.out_channels[:-1])
@@ -93,9 +106,10 @@ class PGLSegmentationNet(nn.Module):
         in_channels = (encoder.out_channels[-1], *decoder_channels[:-1])
         stage_skips = skip_channels[::-1]  # deepest first, like the decoder
         scales = encoder.stage_strides[::-1]  # each decoder stage undoes one encoder stride
+        blocks = [True] * (len(scales) - 1) + [full_resolution_block]
         self.decoder = nn.ModuleList(
-            DecoderStage(c_in, c_skip, c_out, scale, norm=norm, dropout=dropout)
-            for c_in, c_skip, c_out, scale in zip(in_channels, stage_skips, decoder_channels, scales)
+            DecoderStage(c_in, c_skip, c_out, scale, norm=norm, dropout=dropout, conv_block=block)
+            for c_in, c_skip, c_out, scale, block in zip(in_channels, stage_skips, decoder_channels, scales, blocks)
         )
         self.head = UnetOutBlock(3, decoder_channels[-1], out_channels, dropout=dropout)
 

@@ -1,0 +1,136 @@
+"""Benchmark of one fine-tuning step: the bundle's PGLSegmentationNet against a plain MONAI UNet, side by side.
+
+    python scripts/benchmark_finetune.py --threads 2
+    python scripts/benchmark_finetune.py --threads 2 --time_resnet50 True   # also times ResNet-50 (slow on CPU)
+
+A step is forward, DiceCE loss, backward and AdamW on a batch of ``batch`` patches (2 images x 2 crops = 4 in the
+recipe of docs/results.md). FLOPs are PyTorch's ``FlopCounterMode`` count of convolutions (forward and backward),
+on the meta device, with the forward's split into encoder, decoder and head. Prints figures and ratios to the UNet
+(numbers go to docs/benchmarks.md); asserts nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import fire
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from monai.networks.blocks import UnetBasicBlock, UpSample
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
+
+SMALL = {"layers": (1, 1, 1, 1), "block": "bottleneck", "block_inplanes": (32, 64, 128, 256)}
+RESNET50 = {"layers": (3, 4, 6, 3), "block": "bottleneck", "block_inplanes": (64, 128, 256, 512)}
+
+
+def reference_unet(out_channels: int = 2) -> UNet:
+    """The plain MONAI UNet of the sanity bar (MONAI's 3D tutorial network)."""
+    return UNet(3, 1, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2,
+                norm="batch")
+
+
+class OldDecoderStage(nn.Module):
+    """The decoder stage before the light decoder (commit 55ec322), kept here as the baseline: upsample, concatenate
+    the full-width skip, two 3x3x3 convolutions over the concatenation, at every stage including full resolution."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scale) -> None:
+        super().__init__()
+        self.upsample = UpSample(3, in_channels, out_channels, scale_factor=tuple(scale), mode="deconv")
+        self.block = UnetBasicBlock(3, out_channels + skip_channels, out_channels, kernel_size=3, stride=1,
+                                    norm_name="instance")
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.upsample(x), skip], dim=1))
+
+
+def old_network(encoder_args: dict, widths=(256, 128, 64, 32, 16)) -> PGLSegmentationNet:
+    """PGLSegmentationNet with the old decoder (same encoder, same head)."""
+    encoder = PGLResNetEncoder(**encoder_args)
+    net = PGLSegmentationNet(encoder, 2, decoder_channels=widths)
+    skips = (encoder.conv1.in_channels, *encoder.out_channels[:-1])[::-1]
+    net.decoder = nn.ModuleList(
+        OldDecoderStage(c_in, c_skip, c_out, scale)
+        for c_in, c_skip, c_out, scale in zip(
+            (encoder.out_channels[-1], *widths[:-1]), skips, widths, encoder.stage_strides[::-1])
+    )
+    return net
+
+
+def _networks(resnet50: bool, decoders) -> dict[str, Callable[[], nn.Module]]:
+    """Name -> constructor (called on the meta device to count FLOPs, on the CPU to time)."""
+    nets = {"MONAI UNet (reference)": reference_unet}
+    encoders = {"small [1,1,1,1] x [32..256]": SMALL} | ({"ResNet-50": RESNET50} if resnet50 else {})
+    for name, encoder in encoders.items():
+        nets[f"PGL {name}, old decoder [256,128,64,32,16]"] = partial(old_network, encoder)
+        for widths in decoders:
+            nets[f"PGL {name}, light decoder {list(widths)}"] = partial(
+                lambda e, w: PGLSegmentationNet(PGLResNetEncoder(**e), 2, decoder_channels=w), encoder, widths)
+    return nets
+
+
+def _flops(build: Callable[[], nn.Module], batch: int, patch) -> dict[str, float]:
+    """GFLOP of one forward + backward (``total``), and the forward's share of the encoder, decoder and head (%).
+
+    Counted on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        net, x = build(), torch.empty(batch, 1, *patch)
+    with FlopCounterMode(display=False) as counter:
+        net(x).logsumexp(1).mean().backward()
+    total = counter.get_total_flops() / 1e9
+    with FlopCounterMode(display=False) as counter:
+        net(x)
+    counts = {k.split(".", 1)[-1]: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    forward = counter.get_total_flops()
+    parts = {"encoder": counts.get("encoder", 0), "head": counts.get("head", 0)}
+    parts["decoder"] = sum(v for k, v in counts.items() if k.count(".") == 1 and k.startswith("decoder."))
+    return {"total": total, **{k: 100 * v / forward for k, v in parts.items()}}
+
+
+def _step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> float:
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    times = []
+    for i in range(repeats + 1):  # the first step is a warm-up
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss(net(x), y).backward()
+        optimizer.step()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(patch=(96, 96, 32), batch: int = 4, threads: int = 2, repeats: int = 5, resnet50: bool = True,
+         time_resnet50: bool = False, decoders=((128, 64, 32, 16, 16), (64, 32, 16, 16, 16))) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.rand(batch, 1, *patch)
+    y = (torch.rand(batch, 1, *patch) > 0.9).float()
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    rows = []
+    for name, build in _networks(resnet50, decoders).items():
+        flops = _flops(build, batch, patch)
+        seconds = None
+        if time_resnet50 or "ResNet-50" not in name:
+            seconds = _step_time(build().train(), x, y, loss, repeats)
+        rows.append((name, seconds, flops))
+        print(f"{name}: {seconds} s/step, {flops}", flush=True)
+    ref_time, ref_flops = rows[0][1], rows[0][2]["total"]
+    print(f"\npatch {list(patch)}, batch {batch}, {threads} threads, fp32, median of {repeats} steps\n")
+    print("| network | step (s) | x UNet | GFLOP / step | x UNet | forward: encoder | decoder | head |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, seconds, flops in rows:
+        step = "- | -" if seconds is None else f"{seconds:.2f} | {seconds / ref_time:.1f}"
+        parts = " | ".join(f"{flops[k]:.0f} %" for k in ("encoder", "decoder", "head"))
+        parts = "- | - | -" if name == rows[0][0] else parts
+        print(f"| {name} | {step} | {flops['total']:.1f} | {flops['total'] / ref_flops:.1f} | {parts} |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -36,6 +36,7 @@ __all__ = ["checkpoints_by_iteration", "probe_curve"]
 PROBE_CONFIGS = ["configs/train.json", "configs/evaluate.json", "configs/probe.json"]
 METHODS = ("pgl", "byol")
 RANDOM = "random"
+RESULT = "val_mean_dice_raw.csv"  # per test case, in <probe>/eval/probe/
 
 
 def checkpoints_by_iteration(run_dir: str) -> dict[int, str]:
@@ -66,7 +67,7 @@ def _pretrain(method: str, root: str, unlabelled_json: str, iterations: Sequence
 
 def _dice_per_case(probe_dir: str, labelled_dir: str) -> list[tuple[str, float]]:
     """Per test case (its image path relative to the labelled data), the mean foreground Dice of a finished probe."""
-    with open(os.path.join(probe_dir, "eval", "probe", "val_mean_dice_raw.csv")) as f:
+    with open(os.path.join(probe_dir, "eval", "probe", RESULT)) as f:
         rows = list(csv.reader(f))[1:]
     return [(os.path.relpath(row[0], labelled_dir), float(row[-1])) for row in rows]
 
@@ -87,6 +88,7 @@ def probe_curve(
     preset: str = "cpu",
     label_names: Sequence[str] = ("background", "tumour"),
     num_workers: int = 0,
+    report_only: bool = False,
 ) -> str:
     """Run the probe curve; return the path of ``probe_curve.md``.
 
@@ -106,21 +108,27 @@ def probe_curve(
             encoder must be the pretraining runs' one.
         label_names: class names of the labelled data, background first.
         num_workers: data loader workers of every stage.
+        report_only: run nothing; write the report from the probes finished so far (it lists the others).
     """
     settings = PRESETS[preset]
     output_dir, labelled = os.path.abspath(output_dir), os.path.abspath(labelled)
     labelled_dir = labelled if os.path.isdir(labelled) else os.path.dirname(labelled)
-    os.makedirs(output_dir, exist_ok=True)
-    items = load_datalist(labelled, keys=["image", "label"])
-    if num_train_cases + num_test_cases > len(items):
-        raise ValueError(f"{labelled}: {len(items)} cases, fewer than {num_train_cases} training + {num_test_cases} test.")
-    # the probes' datalist: the same training and test cases, without the others (each probe checks every file)
-    split = _write_datalist(os.path.join(output_dir, "labelled.json"), items[:num_train_cases] + items[-num_test_cases:])
-    common = {**settings["model"], "hu_window": list(hu_window), "num_workers": num_workers}
-    checkpoints = {}
-    if any(i > 0 for i in iterations):
+    points = [(RANDOM, 0)] if 0 in iterations else []
+    points += [(method, i) for method in METHODS for i in sorted(iterations) if i > 0]
+    probes = {(m, i, s): os.path.join(output_dir, "probes", f"{m}_it{i}_seed{s}") for s in seeds for m, i in points}
+    if not report_only:
+        os.makedirs(output_dir, exist_ok=True)
+        items = load_datalist(labelled, keys=["image", "label"])
+        if num_train_cases + num_test_cases > len(items):
+            raise ValueError(f"{labelled}: {len(items)} cases, fewer than {num_train_cases} training + "
+                             f"{num_test_cases} test.")
+        # the probes' datalist: the same training and test cases, without the others (each probe checks every file)
+        split = os.path.join(output_dir, "labelled.json")
+        os.replace(_write_datalist(f"{split}.{os.getpid()}", items[:num_train_cases] + items[-num_test_cases:]), split)
+        common = {**settings["model"], "hu_window": list(hu_window), "num_workers": num_workers}
         runs = {"pgl": pgl_run, "byol": byol_run}
-        for method in METHODS:
+        checkpoints = {}
+        for method in METHODS if any(i > 0 for i in iterations) else ():
             if not runs[method]:
                 sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
                 images = [item for source in sources for item in load_datalist(source)]
@@ -130,39 +138,26 @@ def probe_curve(
             checkpoints[method] = checkpoints_by_iteration(os.path.abspath(runs[method]))
             missing = [i for i in iterations if i > 0 and i not in checkpoints[method]]
             if missing:
-                raise FileNotFoundError(
-                    f"{runs[method]}/models/checkpoints: no checkpoint at iteration(s) {missing} "
-                    f"(found: {sorted(checkpoints[method])})."
-                )
-    points = [(RANDOM, 0)] if 0 in iterations else []
-    points += [(method, i) for method in METHODS for i in sorted(iterations) if i > 0]
-    probe = {**common, "dataset_dir": split, "label_names": list(label_names), "num_train_cases": num_train_cases,
-             "num_val_cases": 0, "num_test_cases": num_test_cases, "probe_iterations": probe_iterations,
-             "patch_size": list(patch_size), "batch_size": 2, "num_samples": 2}
-    for seed in seeds:
-        for method, iteration in tqdm(points, desc=f"probe curve, seed {seed}", unit="probe"):
-            root = os.path.join(output_dir, "probes", f"{method}_it{iteration}_seed{seed}")
-            if os.path.isfile(os.path.join(root, "eval", "probe", "val_mean_dice_raw.csv")):
-                continue
-            source = {"pretraining_checkpoint": checkpoints[method][iteration]} if iteration else {}
-            _run_bundle(PROBE_CONFIGS, root, {**probe, **source, "seed": seed})
-    rows = [
-        (method, iteration, seed, case, dice)
-        for method, iteration in points
-        for seed in seeds
-        for case, dice in _dice_per_case(
-            os.path.join(output_dir, "probes", f"{method}_it{iteration}_seed{seed}"), labelled_dir
-        )
-    ]
-    return _report(output_dir, rows, sorted(iterations))
+                raise FileNotFoundError(f"{runs[method]}/models/checkpoints: no checkpoint at iteration(s) {missing} "
+                                        f"(found: {sorted(checkpoints[method])}).")
+        probe = {**common, "dataset_dir": split, "label_names": list(label_names), "num_val_cases": 0,
+                 "num_train_cases": num_train_cases, "num_test_cases": num_test_cases, "batch_size": 2,
+                 "num_samples": 2, "probe_iterations": probe_iterations, "patch_size": list(patch_size)}
+        for (method, iteration, seed), root in tqdm(probes.items(), desc="probe curve", unit="probe"):
+            if not os.path.isfile(os.path.join(root, "eval", "probe", RESULT)):
+                source = {"pretraining_checkpoint": checkpoints[method][iteration]} if iteration else {}
+                _run_bundle(PROBE_CONFIGS, root, {**probe, **source, "seed": seed})
+    done = {k: root for k, root in probes.items() if os.path.isfile(os.path.join(root, "eval", "probe", RESULT))}
+    rows = [(*key, case, dice) for key, root in done.items() for case, dice in _dice_per_case(root, labelled_dir)]
+    return _report(output_dir, rows, sorted(iterations), [os.path.basename(probes[k]) for k in probes if k not in done])
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _report(output_dir: str, rows: list[tuple], iterations: list[int]) -> str:
-    """Write probe_curve.csv, probe_curve.md and probe_curve.png; return the path of the table."""
+def _report(output_dir: str, rows: list[tuple], iterations: list[int], unfinished: list[str]) -> str:
+    """Write probe_curve.csv, probe_curve.md and probe_curve.png from the finished probes; return the table's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,25 +168,28 @@ def _report(output_dir: str, rows: list[tuple], iterations: list[int]) -> str:
         writer.writerow(["method", "iteration", "seed", "case", "dice"])
         writer.writerows(rows)
 
-    def cell(method: str, iteration: int) -> tuple[float, float, float] | None:
-        """Mean and sd over seeds and cases, and the sd of the per-seed means (the probe's own noise)."""
-        method = RANDOM if iteration == 0 else method
-        values = [r[4] for r in rows if r[0] == method and r[1] == iteration]
-        if not values:
+    def cell(method: str, iteration: int) -> tuple[float, float, int, float] | None:
+        """Mean and sd over seeds and cases, the number of seeds, the sd of the per-seed means (the probe's noise)."""
+        key = (RANDOM if iteration == 0 else method, iteration)
+        by_seed = {}
+        for r in rows:
+            if r[:2] == key:
+                by_seed.setdefault(r[2], []).append(r[4])
+        if not by_seed:
             return None
-        per_seed = [statistics.fmean([r[4] for r in rows if r[:2] == (method, iteration) and r[2] == s])
-                    for s in sorted({r[2] for r in rows if r[:2] == (method, iteration)})]
-        return (*_mean_sd(values), _mean_sd(per_seed)[1])
+        values = [v for seed_values in by_seed.values() for v in seed_values]
+        seed_means = [statistics.fmean(v) for v in by_seed.values()]
+        return (*_mean_sd(values), len(by_seed), _mean_sd(seed_means)[1])
 
     header = "| method | " + " | ".join("0 (random init)" if i == 0 else f"{i}" for i in iterations) + " |"
     table = [header, "| --- |" + " --- |" * len(iterations)]
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in METHODS:
         cells = [cell(method, i) for i in iterations]
-        table.append(f"| {method} | " + " | ".join(
-            f"{c[0]:.3f} ± {c[1]:.3f} (seeds ± {c[2]:.3f})" if c else "-" for c in cells) + " |")
+        text = [f"{c[0]:.3f} ± {c[1]:.3f} ({c[2]} seeds, ± {c[3]:.3f})" if c else "-" for c in cells]
+        table.append(f"| {method} | " + " | ".join(text) + " |")
         shown = [(i, c) for i, c in zip(iterations, cells) if c]
-        axis.errorbar([i for i, _ in shown], [c[0] for _, c in shown], yerr=[c[2] for _, c in shown],
+        axis.errorbar([i for i, _ in shown], [c[0] for _, c in shown], yerr=[c[3] for _, c in shown],
                       marker="o", capsize=3, label=method.upper())
     baseline = cell(METHODS[0], 0)
     if baseline:
@@ -203,9 +201,11 @@ def _report(output_dir: str, rows: list[tuple], iterations: list[int]) -> str:
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "probe_curve.png"), dpi=120)
     plt.close(figure)
-    seeds = sorted({r[2] for r in rows})
-    note = (f"Mean ± sd over test cases and seeds {seeds} of the per-case mean foreground Dice; in brackets, the sd "
-            "of the per-seed means. Iteration 0 is a randomly initialised encoder (one per seed), shared by both rows.")
+    note = ("Mean ± sd over test cases and seeds of the per-case mean foreground Dice; in brackets, the number of "
+            "probe seeds and the sd of the per-seed means (error bars of the plot). Iteration 0 is a randomly "
+            "initialised encoder (one per seed), shared by both rows.")
+    if unfinished:
+        note += f" Not finished, left out: {', '.join(unfinished)}."
     with open(os.path.join(output_dir, "probe_curve.md"), "w") as f:
         f.write("\n".join(table) + "\n\n" + note + "\n")
     return os.path.join(output_dir, "probe_curve.md")

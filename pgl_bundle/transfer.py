@@ -118,7 +118,9 @@ def load_pretrained_encoder(network: nn.Module, checkpoint: str | os.PathLike | 
     return _load_encoder_state(network, path, load_encoder_checkpoint(path), strict)
 
 
-def load_online_encoder(network: nn.Module, checkpoint: str | os.PathLike, prefix: str = "online.encoder.") -> nn.Module:
+def load_online_encoder(
+    network: nn.Module, checkpoint: str | os.PathLike, prefix: str = "online.encoder."
+) -> nn.Module:
     """Load the online encoder out of a full pretraining checkpoint (``models/checkpoints/*.pt`` of
     ``configs/pretrain.json``: ``{"network": ..., "optimizer": ..., ...}``) into ``network.encoder``, strictly.
 

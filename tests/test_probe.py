@@ -74,10 +74,11 @@ def test_probe_output_covers_the_input(repo_root):
 
 @pytest.fixture(scope="module")
 def tiny_curve(shared_data, tmp_path_factory):
-    """Both methods pretrained here for 2 iterations (a checkpoint at each), probed at 0 and 2, one seed."""
+    """Both methods pretrained here for 2 iterations (a checkpoint at each: 1 epoch = 1 batch of the 3 volumes),
+    probed at 0 and 2 with one seed."""
     output_dir = tmp_path_factory.mktemp("probe_curve")
     table = probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir),
-                        unlabelled=[str(shared_data / "unlabeled")], iterations=[0, 1, 2], seeds=[0],
+                        unlabelled=[str(shared_data / "unlabeled")], iterations=[0, 2], seeds=[0],
                         num_train_cases=2, num_test_cases=1, probe_iterations=2, preset="tiny")
     return output_dir, table
 
@@ -87,26 +88,29 @@ def test_curve_writes_csv_table_and_plot(tiny_curve):
     with open(output_dir / "probe_curve.csv") as f:
         rows = list(csv.DictReader(f))
     points = sorted({(r["method"], int(r["iteration"])) for r in rows})
-    assert points == [("byol", 1), ("byol", 2), ("pgl", 1), ("pgl", 2), ("random", 0)]
+    assert points == [("byol", 2), ("pgl", 2), ("random", 0)]
     assert all(r["case"] == "STS_030/CT_image.nii.gz" and 0 <= float(r["dice"]) <= 1 for r in rows)
     lines = open(table).read().splitlines()
-    assert lines[0] == "| method | 0 (random init) | 1 | 2 |" and lines[2].startswith("| pgl | ")
+    assert lines[0] == "| method | 0 (random init) | 2 |" and lines[2].startswith("| pgl | ")
     png = output_dir / "probe_curve.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
 
 
 def test_curve_probes_the_checkpoint_of_each_iteration(tiny_curve, repo_root):
-    """The probe at iteration 2 read the full checkpoint of iteration 2, whose online encoder is the final one."""
+    """The probe at iteration 2 read the full checkpoint of iteration 2, whose online encoder is the final one (and
+    differs from iteration 1's)."""
     output_dir, _ = tiny_curve
     run = output_dir / "pretrain" / "pgl"
     checkpoints = checkpoints_by_iteration(str(run))
     assert sorted(checkpoints) == [1, 2]
     log = (output_dir / "probes" / "pgl_it2_seed0" / "log.txt").read_text()
     assert f"--pretraining_checkpoint {checkpoints[2]}" in log
-    encoder = dict(layers=[1, 1, 1, 1], block="basic", block_inplanes=[16, 16, 32, 32])
-    final = load_pretrained_encoder(DenseProbe(PGLResNetEncoder(**encoder), 2), run / "models" / "pretrained_encoder.pt")
-    at_2 = load_online_encoder(DenseProbe(PGLResNetEncoder(**encoder), 2), checkpoints[2])
-    at_1 = load_online_encoder(DenseProbe(PGLResNetEncoder(**encoder), 2), checkpoints[1])
+
+    def probe():
+        return DenseProbe(PGLResNetEncoder(layers=[1, 1, 1, 1], block="basic", block_inplanes=[16, 16, 32, 32]), 2)
+
+    final = load_pretrained_encoder(probe(), run / "models" / "pretrained_encoder.pt")
+    at_2, at_1 = load_online_encoder(probe(), checkpoints[2]), load_online_encoder(probe(), checkpoints[1])
     assert all(torch.equal(v, at_2.encoder.state_dict()[k]) for k, v in final.encoder.state_dict().items())
     assert not torch.equal(at_1.encoder.conv1.weight, at_2.encoder.conv1.weight)
 
@@ -115,7 +119,7 @@ def test_finished_probes_are_skipped(tiny_curve, shared_data):
     output_dir, _ = tiny_curve
     result = output_dir / "probes" / "byol_it2_seed0" / "eval" / "probe" / "val_mean_dice_raw.csv"
     stamp = result.stat().st_mtime_ns
-    probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[0, 1, 2], seeds=[0],
+    probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[0, 2], seeds=[0],
                 num_train_cases=2, num_test_cases=1, probe_iterations=2, preset="tiny",
                 pgl_run=str(output_dir / "pretrain" / "pgl"), byol_run=str(output_dir / "pretrain" / "byol"))
     assert result.stat().st_mtime_ns == stamp
@@ -126,3 +130,13 @@ def test_missing_checkpoint_is_named(tiny_curve, shared_data):
     with pytest.raises(FileNotFoundError, match=r"pgl/models/checkpoints: no checkpoint at iteration\(s\) \[3\]"):
         probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[3], seeds=[0],
                     preset="tiny", pgl_run=str(output_dir / "pretrain" / "pgl"))
+
+
+def test_report_only_runs_nothing_and_names_the_unfinished(tiny_curve, shared_data):
+    output_dir, _ = tiny_curve
+    table = probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[0, 2],
+                        seeds=[0, 1], preset="tiny", report_only=True)
+    assert not (output_dir / "probes" / "random_it0_seed1").exists()
+    text = open(table).read()
+    assert "| pgl | " in text and "(1 seeds, " in text
+    assert "left out: random_it0_seed1, pgl_it2_seed1, byol_it2_seed1." in text

@@ -74,11 +74,11 @@ def test_probe_output_covers_the_input(repo_root):
 
 @pytest.fixture(scope="module")
 def tiny_curve(shared_data, tmp_path_factory):
-    """Both methods pretrained here for 2 iterations (a checkpoint at each: 1 epoch = 1 batch of the 3 volumes),
+    """Both methods pretrained here for 2 iterations on two small CTs (a checkpoint at each: an epoch is one batch),
     probed at 0 and 2 with one seed."""
     output_dir = tmp_path_factory.mktemp("probe_curve")
     table = probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir),
-                        unlabelled=[str(shared_data / "unlabeled")], iterations=[0, 2], seeds=[0],
+                        unlabelled=[str(shared_data / "sts" / "STS_00[34]" / "CT_image.nii.gz")], iterations=[0, 2], seeds=[0],
                         num_train_cases=2, num_test_cases=1, probe_iterations=2, preset="tiny")
     return output_dir, table
 

@@ -2,6 +2,7 @@
 
 Commands:
     compare    random vs BYOL vs PGL initialisation on labelled CT (:func:`pgl_bundle.compare.compare`)
+    probe_curve  dense-probe Dice against pretraining iterations (:func:`pgl_bundle.probe_curve.probe_curve`)
     prepare    preprocess a CT set once for pretraining (:func:`pgl_bundle.data.prepare`; also configs/prepare.json)
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
     publish    write large_files.yml (URLs and md5 hashes) for released weights (:func:`pgl_bundle.release.write_large_files`)
@@ -14,6 +15,7 @@ import fire
 
 from pgl_bundle.compare import compare
 from pgl_bundle.data import make_synthetic_dataset, prepare
+from pgl_bundle.probe_curve import probe_curve
 from pgl_bundle.release import pack, write_large_files
 
 if __name__ == "__main__":
@@ -22,6 +24,7 @@ if __name__ == "__main__":
         {
             "compare": compare,
             "prepare": prepare,
+            "probe_curve": probe_curve,
             "synthetic": make_synthetic_dataset,
             "publish": write_large_files,
             "pack": pack,

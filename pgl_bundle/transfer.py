@@ -21,7 +21,9 @@ from torch import nn
 
 from pgl_bundle.errors import require_file
 
-__all__ = ["FreezeEncoder", "export_encoder", "load_encoder_checkpoint", "load_pretrained_encoder"]
+__all__ = [
+    "FreezeEncoder", "export_encoder", "load_encoder_checkpoint", "load_online_encoder", "load_pretrained_encoder"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,15 @@ def _quote(keys) -> str:
     return ", ".join(keys[:_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
 
 
+def _load(path: str, kind: str, article: str):
+    """``torch.load`` of tensors and plain containers on the CPU; errors name the file and the ``kind`` expected."""
+    require_file(path, kind)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated, foreign or unsafe pickles
+        raise ValueError(f"{path}: not {article} {kind}, torch.load failed: {e}") from e
+
+
 def load_encoder_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an encoder checkpoint: a ``state_dict`` mapping parameter and buffer names to tensors, loaded on the CPU.
 
@@ -42,11 +53,7 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             (e.g. a training checkpoint ``{"network": ..., "optimizer": ...}``); the message names the file.
     """
     path = os.fspath(path)
-    require_file(path, "encoder checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated, foreign or unsafe pickles
-        raise ValueError(f"{path}: not an encoder checkpoint, torch.load failed: {e}") from e
+    state = _load(path, "encoder checkpoint", "an")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = _quote(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(
@@ -109,7 +116,32 @@ def load_pretrained_encoder(network: nn.Module, checkpoint: str | os.PathLike | 
         logger.info("pretrained_encoder is empty: the encoder keeps its random initialisation.")
         return network
     path = os.fspath(checkpoint)
-    state = load_encoder_checkpoint(path)
+    return _load_encoder_state(network, path, load_encoder_checkpoint(path), strict)
+
+
+def load_online_encoder(
+    network: nn.Module, checkpoint: str | os.PathLike, prefix: str = "online.encoder."
+) -> nn.Module:
+    """Load the online encoder out of a full pretraining checkpoint (``models/checkpoints/*.pt`` of
+    ``configs/pretrain.json``: ``{"network": ..., "optimizer": ..., ...}``) into ``network.encoder``, strictly.
+
+    The probe curve reads the encoder at every saved iteration this way; ``models/pretrained_encoder.pt`` holds the
+    same tensors for the final iteration (:func:`load_pretrained_encoder`).
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` does not exist.
+        ValueError: it does not load, holds no ``network`` state with ``prefix`` names, or does not fit the encoder.
+    """
+    path = os.fspath(checkpoint)
+    state = _load(path, "pretraining checkpoint", "a")
+    network_state = state.get("network") if isinstance(state, Mapping) else None
+    encoder = {k[len(prefix):]: v for k, v in (network_state or {}).items() if k.startswith(prefix)}
+    if not encoder:
+        raise ValueError(f"{path}: not a pretraining checkpoint: no 'network' entry with '{prefix}*' tensors.")
+    return _load_encoder_state(network, path, encoder, strict=True)
+
+
+def _load_encoder_state(network: nn.Module, path: str, state: Mapping[str, torch.Tensor], strict: bool) -> nn.Module:
     target = network.encoder.state_dict()
     matched = _check_match(path, state, target)
     missing, unexpected = target.keys() - state.keys(), state.keys() - target.keys()

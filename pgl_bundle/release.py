@@ -1,13 +1,14 @@
 """Publishing the bundle: ``large_files.yml`` for the released weights, and the zip for ``monai.bundle download``.
 
     python -m pgl_bundle publish --base_url <release_url>
-    python -m pgl_bundle pack --output dist/pgl_bundle_v0.1.0.zip
+    python -m pgl_bundle pack --output dist/ct_pgl_ssl_segmentation_v0.1.0.zip
 
 where ``<release_url>`` is e.g. ``https://github.com/OWNER/pgl-bundle/releases/download/v0.1.0``, to which the zip
 and the weights are uploaded. Users then fetch both with MONAI's own commands (docs/production.md):
 
-    python -m monai.bundle download --name pgl_bundle --url <release_url>/pgl_bundle_v0.1.0.zip --bundle_dir .
-    python -m monai.bundle download_large_files --bundle_path pgl_bundle
+    python -m monai.bundle download --name ct_pgl_ssl_segmentation --bundle_dir . \
+        --url <release_url>/ct_pgl_ssl_segmentation_v0.1.0.zip
+    python -m monai.bundle download_large_files --bundle_path ct_pgl_ssl_segmentation
 
 MONAI provides the downloading and the hash checks, not the packing: these two functions are what it lacks.
 """
@@ -22,7 +23,9 @@ import yaml
 
 __all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "write_large_files"]
 
-BUNDLE_NAME = "pgl_bundle"
+# the zoo's pattern (modality, method, task); not the Python package's name: a download folder of that name in
+# the working directory would shadow the installed package
+BUNDLE_NAME = "ct_pgl_ssl_segmentation"
 WEIGHTS = ("models/pretrained_encoder.pt", "models/model.pt")  # pretraining's encoder, fine-tuning's network
 BUNDLE_FILES = ("configs", "docs", "pgl_bundle", "scripts", "large_files.yml", "LICENSE", "README.md", "pyproject.toml")
 _LEFT_OUT = ("__pycache__", ".pyc", ".egg-info", ".pt")

@@ -1,5 +1,6 @@
 """The downstream bundle on real CT: train -> evaluate -> infer through `python -m monai.bundle`, the bundle checks
-(properties, network I/O, TorchScript export by scripting), MONAI Label's ways of loading it, and a learning sanity check."""
+(properties, network I/O, TorchScript export by scripting), MONAI Label's ways of loading it, and a learning sanity
+check."""
 
 from __future__ import annotations
 

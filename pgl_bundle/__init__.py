@@ -21,6 +21,7 @@ from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, latest_checkpoi
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency
 from .optimizers import LARS
+from .release import require_weights
 from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
 from .views import RandPGLViewsd
 

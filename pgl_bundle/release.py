@@ -21,7 +21,7 @@ import zipfile
 
 import yaml
 
-__all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "write_large_files"]
+__all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "require_weights", "write_large_files"]
 
 # the zoo's pattern (modality, method, task); not the Python package's name: a download folder of that name in
 # the working directory would shadow the installed package
@@ -37,6 +37,22 @@ def _md5(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def require_weights(path: str) -> str:
+    """``path`` if it is a file; else stop with one line saying how to get the weights, not a traceback.
+
+    Inference starts here (configs/inference.json's ``checkpointloader``): a fresh download has no weights yet.
+
+    Raises:
+        SystemExit: ``path`` does not exist (the message names it and the two ways to get it).
+    """
+    if os.path.isfile(path):
+        return path
+    raise SystemExit(
+        f"{path}: no trained weights. Train them (python -m monai.bundle run --config_file configs/train.json ...) "
+        "or fetch the published ones (python -m monai.bundle download_large_files --bundle_path <bundle folder>)."
+    )
 
 
 def write_large_files(base_url: str, bundle_root: str = ".", output: str | None = None) -> str:

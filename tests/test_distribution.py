@@ -146,3 +146,18 @@ def test_download_install_and_run_from_the_download_folder(release, tmp_path, sh
 def test_publishing_needs_the_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained_encoder.pt"):
         write_large_files("http://127.0.0.1", bundle_root=str(tmp_path))
+
+
+def test_inference_without_weights_says_how_to_get_them(repo_root, tmp_path, shared_data):
+    """A fresh download has no models/model.pt: inference stops with one line naming the file and both ways to get
+    it (train, or download_large_files), not a traceback."""
+    image = shared_data / "sts" / "STS_019" / "CT_image.nii.gz"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--bundle_root", str(tmp_path), "--dataset_dir", str(image), "--num_workers", "0"]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(str(tmp_path / "models" / "model.pt") + ": no trained weights.")
+    assert "configs/train.json" in message and "download_large_files" in message
+    assert not (tmp_path / "eval").exists()

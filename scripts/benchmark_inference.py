@@ -31,12 +31,16 @@ from monai.transforms import Compose, LoadImaged, Orientationd, Spacingd
 CHOICES = (
     ((1, 1, 1), 0.5, 4),
     ((1, 1, 1), 0.5, 1),
-    ((1, 1, 1), 0.25, 4),
-    ((1, 1, 1), 0.0, 4),
-    ((1, 1, 2), 0.25, 4),
-    ((2, 2, 2), 0.5, 1),
-    ((2, 2, 2), 0.25, 1),
-    ((2, 2, 3), 0.25, 1),
+    ((1, 1, 1), 0.25, 1),
+    ((1, 1, 1), 0.0, 1),
+    ((1, 1, 2), 0.25, 1),
+    ((1, 1, 2), 0.0, 1),
+    ((1, 1, 2), 0.0, 4),
+    ((1, 1, 3), 0.0, 1),
+    ((1, 1, 4), 0.0, 1),
+    ((7 / 6, 7 / 6, 2), 0.0, 1),
+    ((4 / 3, 4 / 3, 2), 0.0, 1),
+    ((13 / 6, 13 / 6, 2), 0.0, 1),
 )
 
 
@@ -48,7 +52,7 @@ def _parser(overrides: dict | None) -> ConfigParser:
 
 
 def _inferer(patch: list[int], scale, overlap: float, sw_batch_size: int) -> SlidingWindowInferer:
-    roi = [p * s for p, s in zip(patch, scale)]
+    roi = [round(p * s) for p, s in zip(patch, scale)]
     return SlidingWindowInferer(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
 
 
@@ -108,6 +112,9 @@ def dice_choices(bundle_root: str, cases: list[str], overrides: dict, data: str 
     base = None
     for scale, overlap, sw_batch in CHOICES:
         inferer = _inferer(patch, scale, overlap, sw_batch)
+        if any(r % s for r, s in zip(inferer.roi_size, network.encoder.output_stride)):
+            print(f"{'x'.join(map(str, inferer.roi_size))} | {overlap} | {sw_batch} | not a multiple of the stride")
+            continue
         metric, scores = DiceMetric(include_background=False), []
         start = time.perf_counter()
         for image, label in items:

@@ -33,6 +33,7 @@ from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, check_free_spac
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency
 from .optimizers import LARS
+from .release import require_weights
 from .run_folder import RunFolder
 from .throughput import ThroughputHandler
 from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder

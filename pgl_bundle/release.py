@@ -1,13 +1,14 @@
 """Publishing the bundle: ``large_files.yml`` for the released weights, and the zip for ``monai.bundle download``.
 
     python -m pgl_bundle publish --base_url <release_url>
-    python -m pgl_bundle pack --output dist/pgl_bundle_v0.1.0.zip
+    python -m pgl_bundle pack --output dist/ct_pgl_ssl_segmentation_v0.1.0.zip
 
 where ``<release_url>`` is e.g. ``https://github.com/OWNER/pgl-bundle/releases/download/v0.1.0``, to which the zip
 and the weights are uploaded. Users then fetch both with MONAI's own commands (docs/production.md):
 
-    python -m monai.bundle download --name pgl_bundle --url <release_url>/pgl_bundle_v0.1.0.zip --bundle_dir .
-    python -m monai.bundle download_large_files --bundle_path pgl_bundle
+    python -m monai.bundle download --name ct_pgl_ssl_segmentation --bundle_dir . \
+        --url <release_url>/ct_pgl_ssl_segmentation_v0.1.0.zip
+    python -m monai.bundle download_large_files --bundle_path ct_pgl_ssl_segmentation
 
 MONAI provides the downloading and the hash checks, not the packing: these two functions are what it lacks.
 """
@@ -20,9 +21,11 @@ import zipfile
 
 import yaml
 
-__all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "write_large_files"]
+__all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "require_weights", "write_large_files"]
 
-BUNDLE_NAME = "pgl_bundle"
+# the zoo's pattern (modality, method, task); not the Python package's name: a download folder of that name in
+# the working directory would shadow the installed package
+BUNDLE_NAME = "ct_pgl_ssl_segmentation"
 WEIGHTS = ("models/pretrained_encoder.pt", "models/model.pt")  # pretraining's encoder, fine-tuning's network
 BUNDLE_FILES = ("configs", "docs", "pgl_bundle", "scripts", "large_files.yml", "LICENSE", "README.md", "pyproject.toml")
 _LEFT_OUT = ("__pycache__", ".pyc", ".egg-info", ".pt")
@@ -34,6 +37,22 @@ def _md5(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def require_weights(path: str) -> str:
+    """``path`` if it is a file; else stop with one line saying how to get the weights, not a traceback.
+
+    Inference starts here (configs/inference.json's ``checkpointloader``): a fresh download has no weights yet.
+
+    Raises:
+        SystemExit: ``path`` does not exist (the message names it and the two ways to get it).
+    """
+    if os.path.isfile(path):
+        return path
+    raise SystemExit(
+        f"{path}: no trained weights. Train them (python -m monai.bundle run --config_file configs/train.json ...) "
+        "or fetch the published ones (python -m monai.bundle download_large_files --bundle_path <bundle folder>)."
+    )
 
 
 def write_large_files(base_url: str, bundle_root: str = ".", output: str | None = None) -> str:

@@ -1,5 +1,6 @@
 """The downstream bundle on real CT: train -> evaluate -> infer through `python -m monai.bundle`, the bundle checks
-(properties, network I/O, TorchScript export), MONAI Label's ways of loading it, and a learning sanity check."""
+(properties, network I/O, TorchScript export by scripting), MONAI Label's ways of loading it, and a learning sanity
+check."""
 
 from __future__ import annotations
 
@@ -122,22 +123,28 @@ def test_inference_writes_masks_on_the_input_grid(round_trip, shared_data):
         assert set(values.tolist()) <= {0, 1} and pred.get_data_dtype() == np.uint8
 
 
-def test_torchscript_export_runs_like_the_checkpoint(round_trip, repo_root):
+def test_torchscript_export_runs_like_the_checkpoint(round_trip, repo_root, shared_data):
+    """`ckpt_export` scripts the network (the model zoo's default, no tracing); it segments a CT patch as eagerly."""
     root, _ = round_trip
     ts = root / "models" / "model.ts"
     bundle(repo_root, "ckpt_export", "network_def", "--filepath", str(ts),
            "--ckpt_file", str(root / "models" / "model.pt"), "--meta_file", config(repo_root, "metadata.json"),
-           "--config_file", config(repo_root, "inference.json"),
-           "--use_trace", "True", "--input_shape", "[1,1,64,64,16]", *cli(SMALL))
+           "--config_file", config(repo_root, "inference.json"), *cli(SMALL))
     exported = torch.jit.load(str(ts))
+    assert "if channels_last:" in exported.encoder.code  # scripted, not traced: the branch is compiled, not unrolled
     parser = ConfigParser()
     parser.read_config(config(repo_root, "inference.json"))
     parser.update(SMALL)
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True))
-    x = torch.rand(1, 1, 96, 64, 24)  # another window size than the traced one
+    path = str(shared_data / "sts" / "STS_002" / "CT_image.nii.gz")
+    image = parser.get_parsed_content("preprocessing")({"image": path})["image"]  # RAS, HU window to [0, 1]
+    x = image[None, :, 40:136, 30:94, 10:34].as_tensor()  # 96 x 64 x 24, not the training patch
+    assert x.shape == (1, 1, 96, 64, 24) and 0.0 <= x.min() < x.max() <= 1.0
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), net.eval()(x))
+        expected = net.eval()(x)
+        torch.testing.assert_close(exported(x), expected)
+    assert expected.shape == (1, len(LABELS), 96, 64, 24)
 
 
 def test_network_matches_its_metadata(repo_root):

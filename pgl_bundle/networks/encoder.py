@@ -6,6 +6,7 @@ Sizes and strides are ``(x, y, z)``, slice axis last (see :mod:`pgl_bundle.views
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -70,6 +71,8 @@ class PGLResNetEncoder(ResNet):
     stem and the four stage outputs; the last is ``(B, out_channels, x / 16, y / 16, z / 8)``.
     """
 
+    __jit_unused_properties__ = ["output_stride", "feature_offset"]  # geometry for Python callers, not inference
+
     def __init__(
         self,
         layers: Sequence[int] = (3, 4, 6, 3),
@@ -99,9 +102,9 @@ class PGLResNetEncoder(ResNet):
         expansion = 4 if block == "bottleneck" else 1
         self.out_channels = (block_inplanes[0], *(c * expansion for c in block_inplanes))
         self.activation_checkpointing = activation_checkpointing
-        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.channels_last = channels_last
         if channels_last:
-            self.to(memory_format=self.memory_format)
+            self.to(memory_format=torch.channels_last_3d)
 
     @property
     def output_stride(self) -> tuple[int, int, int]:
@@ -115,14 +118,27 @@ class PGLResNetEncoder(ResNet):
         return feature_center_offset(self.stage_strides)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.act(self.bn1(self.conv1(x.contiguous(memory_format=self.memory_format))))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = self.act(self.bn1(self.conv1(x)))
+        if not torch.jit.is_scripting() and self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return self._forward_checkpointed(x)  # a training option; TorchScript compiles only the path below
+        features = [x]  # stage by stage: TorchScript cannot loop over a tuple of modules
+        x = self.layer1(x)
+        features.append(x)
+        x = self.layer2(x)
+        features.append(x)
+        x = self.layer3(x)
+        features.append(x)
+        features.append(self.layer4(x))
+        return features
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stages under ``torch.utils.checkpoint`` (see ``activation_checkpointing``); ``x``: the stem output."""
         features = [x]
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            if recompute:
-                x = checkpoint(stage, x, use_reentrant=False, context_fn=lambda s=stage: _recompute_contexts(s))
-            else:
-                x = stage(x)
+            x = checkpoint(stage, x, use_reentrant=False, context_fn=functools.partial(_recompute_contexts, stage))
             features.append(x)
         return features
 

@@ -21,7 +21,7 @@ class DecoderStage(nn.Module):
 
     The skip is projected by a 1x1x1 convolution and added, not concatenated: the encoder's skips are 2-8x wider than
     a light decoder (a bottleneck ResNet's first stage gives 4 x 64 channels at half resolution), and a 3x3x3
-    convolution over the concatenation cost most of a step (docs/benchmarks.md, section 4). MONAI's ``UnetUpBlock`` /
+    convolution over the concatenation cost most of a step (docs/benchmarks.md, section 7). MONAI's ``UnetUpBlock`` /
     ``UnetrUpBlock`` concatenate and ``UpCat`` upsamples by 2 on every axis; the encoder's strides are anisotropic,
     so this stage composes MONAI blocks (``UpSample``, ``Convolution``, ``UnetBasicBlock``) with both free.
 
@@ -78,7 +78,7 @@ class PGLSegmentationNet(nn.Module):
         norm: normalisation of the decoder (the encoder keeps its own).
         dropout: dropout rate of the decoder and the head (MONAI Label's epistemic scoring sets it).
         full_resolution_block: whether the last, full-resolution stage has its two 3x3x3 convolutions. Off by
-            default: at full resolution they cost as much as the whole encoder (docs/benchmarks.md, section 4);
+            default: at full resolution they cost as much as the whole encoder (docs/benchmarks.md, section 7);
             like MONAI's ``UNet``, whose last level is a transposed convolution, the last stage then only upsamples
             and adds the image.
 

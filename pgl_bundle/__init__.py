@@ -26,9 +26,9 @@ from .data import (
     training_datalist,
 )
 from .distributed import EpochSeededDataset, ResumableSampler
-from .errors import UserError, report_user_errors_last
 from .ema import ForeachEMAHandler, TargetMomentumSchedule, byol_momentum
 from .engine import NoLossScalingForBF16, PrepareViews
+from .errors import UserError, report_user_errors_last
 from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, check_free_space, latest_checkpoint, resolve_resume
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency

@@ -5,7 +5,8 @@ Commands:
     probe_curve  dense-probe Dice against pretraining iterations (:func:`pgl_bundle.probe_curve.probe_curve`)
     prepare    preprocess a CT set once for pretraining (:func:`pgl_bundle.data.prepare`; also configs/prepare.json)
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
-    publish    write large_files.yml (URLs and md5 hashes) for released weights (:func:`pgl_bundle.release.write_large_files`)
+    publish    write large_files.yml (URLs, md5 hashes) of released weights
+               (:func:`pgl_bundle.release.write_large_files`)
     pack       zip the bundle for ``python -m monai.bundle download`` (:func:`pgl_bundle.release.pack`)
 """
 

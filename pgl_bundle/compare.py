@@ -80,39 +80,99 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "model": {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 16, 32, 32]},
         "pretrain": {"patch_size": [64, 64, 16], "hidden_channels": 64, "batch_size": 2, "num_volumes": 4},
-        "finetune": {"patch_size": [64, 64, 16], "batch_size": 2, "num_samples": 1, "num_iterations": 2,
-                     "val_interval": 1, "warmup_iterations": 1, "decoder_channels": [32, 16, 16, 8, 8]},
-        "pretrain_epochs": [1], "learning_rates": [1e-3], "encoder_lr_scale": 0.1, "budgets": [2], "seeds": [0],
-        "num_val_cases": 1, "num_test_cases": 2,
+        "finetune": {
+            "patch_size": [64, 64, 16],
+            "batch_size": 2,
+            "num_samples": 1,
+            "num_iterations": 2,
+            "val_interval": 1,
+            "warmup_iterations": 1,
+            "decoder_channels": [32, 16, 16, 8, 8],
+        },
+        "pretrain_epochs": [1],
+        "learning_rates": [1e-3],
+        "encoder_lr_scale": 0.1,
+        "budgets": [2],
+        "seeds": [0],
+        "num_val_cases": 1,
+        "num_test_cases": 2,
     },
     # 2 CPU cores, at most 3 hours (estimate: docs/results.md)
     "cpu": {
         "model": {"encoder_layers": [1, 1, 1, 1], "encoder_block": "bottleneck", "encoder_width": [32, 64, 128, 256]},
         "pretrain": {"patch_size": [64, 64, 16], "hidden_channels": 1024, "batch_size": 4, "learning_rate": 0.001},
-        "finetune": {"patch_size": [64, 64, 32], "batch_size": 2, "num_samples": 2, "num_iterations": 240,
-                     "val_interval": 80, "warmup_iterations": 20},
-        "pretrain_epochs": [20], "learning_rates": [3e-4, 1e-3], "encoder_lr_scale": 0.1, "budgets": [5],
-        "seeds": [0, 1, 2], "num_val_cases": 2, "num_test_cases": 10,
+        "finetune": {
+            "patch_size": [64, 64, 32],
+            "batch_size": 2,
+            "num_samples": 2,
+            "num_iterations": 240,
+            "val_interval": 80,
+            "warmup_iterations": 20,
+        },
+        "pretrain_epochs": [20],
+        "learning_rates": [3e-4, 1e-3],
+        "encoder_lr_scale": 0.1,
+        "budgets": [5],
+        "seeds": [0, 1, 2],
+        "num_val_cases": 2,
+        "num_test_cases": 10,
     },
     # one H100/H200, at most 10 minutes, ResNet-50 at the paper's pretraining patch (estimate: docs/results.md)
     "gpu-10min": {
         "model": {"encoder_layers": [3, 4, 6, 3], "encoder_block": "bottleneck", "encoder_width": [64, 128, 256, 512]},
-        "pretrain": {"patch_size": [96, 96, 16], "batch_size": 32, "learning_rate": 0.001, "amp": True,
-                     "num_workers": 8},
-        "finetune": {"patch_size": [96, 96, 32], "batch_size": 2, "num_samples": 2, "num_iterations": 150,
-                     "val_interval": 50, "warmup_iterations": 15, "amp": True, "num_workers": 4},
-        "pretrain_epochs": [150], "learning_rates": [3e-4, 1e-3], "encoder_lr_scale": 0.1, "budgets": [5],
-        "seeds": [0, 1, 2], "num_val_cases": 2, "num_test_cases": 10, "parallel": 4,
+        "pretrain": {
+            "patch_size": [96, 96, 16],
+            "batch_size": 32,
+            "learning_rate": 0.001,
+            "amp": True,
+            "num_workers": 8,
+        },
+        "finetune": {
+            "patch_size": [96, 96, 32],
+            "batch_size": 2,
+            "num_samples": 2,
+            "num_iterations": 150,
+            "val_interval": 50,
+            "warmup_iterations": 15,
+            "amp": True,
+            "num_workers": 4,
+        },
+        "pretrain_epochs": [150],
+        "learning_rates": [3e-4, 1e-3],
+        "encoder_lr_scale": 0.1,
+        "budgets": [5],
+        "seeds": [0, 1, 2],
+        "num_val_cases": 2,
+        "num_test_cases": 10,
+        "parallel": 4,
     },
     # the paper's settings (method spec, section 6): for GPUs, hours
     "paper": {
         "model": {"encoder_layers": [3, 4, 6, 3], "encoder_block": "bottleneck", "encoder_width": [64, 128, 256, 512]},
-        "pretrain": {"patch_size": [96, 96, 16], "batch_size": 128, "learning_rate": 0.2, "warmup_epochs": 2,
-                     "amp": True, "optimizer#_target_": "pgl_bundle.LARS"},
-        "finetune": {"patch_size": [160, 160, 48], "batch_size": 8, "num_samples": 1, "num_iterations": 10000,
-                     "val_interval": 500, "warmup_iterations": 500, "amp": True},
-        "pretrain_epochs": [100, 500], "learning_rates": [1e-4, 3e-4, 1e-3], "encoder_lr_scale": 0.1,
-        "budgets": [2, 5, 18], "seeds": [0, 1, 2], "num_val_cases": 2, "num_test_cases": 10,
+        "pretrain": {
+            "patch_size": [96, 96, 16],
+            "batch_size": 128,
+            "learning_rate": 0.2,
+            "warmup_epochs": 2,
+            "amp": True,
+            "optimizer#_target_": "pgl_bundle.LARS",
+        },
+        "finetune": {
+            "patch_size": [160, 160, 48],
+            "batch_size": 8,
+            "num_samples": 1,
+            "num_iterations": 10000,
+            "val_interval": 500,
+            "warmup_iterations": 500,
+            "amp": True,
+        },
+        "pretrain_epochs": [100, 500],
+        "learning_rates": [1e-4, 3e-4, 1e-3],
+        "encoder_lr_scale": 0.1,
+        "budgets": [2, 5, 18],
+        "seeds": [0, 1, 2],
+        "num_val_cases": 2,
+        "num_test_cases": 10,
     },
 }
 
@@ -120,8 +180,19 @@ PRESETS: dict[str, dict] = {
 def _run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: str = "run") -> None:
     """``python -m monai.bundle run`` in a subprocess; its log is appended to ``bundle_root/log.txt``."""
     files = "[" + ",".join(repr(os.path.join(_ROOT, c)) for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, "--bundle_root", bundle_root,
-           "--logging_file", os.path.join(_ROOT, "configs", "logging.conf")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        files,
+        "--bundle_root",
+        bundle_root,
+        "--logging_file",
+        os.path.join(_ROOT, "configs", "logging.conf"),
+    ]
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
     os.makedirs(bundle_root, exist_ok=True)
@@ -209,16 +280,26 @@ def compare(
     labelled_items = load_datalist(labelled, keys=["image", "label"])
     pool = len(labelled_items) - settings["num_val_cases"] - settings["num_test_cases"]
     if max(budgets) > pool:
-        raise ValueError(f"{labelled}: budget {max(budgets)} exceeds the {pool} training cases left after validation and test.")
+        raise ValueError(
+            f"{labelled}: budget {max(budgets)} exceeds the {pool} training cases left after validation and test."
+        )
     sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
     images = []
     for source in sources:
-        images += [{"image": source}] if os.path.isfile(source) and not source.endswith(".json") else load_datalist(source)
+        images += (
+            [{"image": source}] if os.path.isfile(source) and not source.endswith(".json") else load_datalist(source)
+        )
     unlabelled_json = _write_datalist(os.path.join(output_dir, "unlabelled.json"), images)
     common = {"num_workers": num_workers, **settings["model"]}
     arms = _arms(pretrain_epochs)
-    finetune = {**common, **settings["finetune"], "dataset_dir": labelled, "num_val_cases": settings["num_val_cases"],
-                "num_test_cases": settings["num_test_cases"], "label_names": list(label_names)}
+    finetune = {
+        **common,
+        **settings["finetune"],
+        "dataset_dir": labelled,
+        "num_val_cases": settings["num_val_cases"],
+        "num_test_cases": settings["num_test_cases"],
+        "label_names": list(label_names),
+    }
     runs = [(arm, lr, n, seed) for n in budgets for seed in seeds for arm in arms for lr in learning_rates]
     timings = {}
 
@@ -231,15 +312,26 @@ def compare(
         if arm.init != "random":
             values["encoder_lr_scale"] = settings["encoder_lr_scale"]
             values["pretrained_encoder"] = os.path.join(
-                output_dir, "pretrain", f"{arm.init}_{arm.pretrain_epochs}ep", "models", "pretrained_encoder.pt")
+                output_dir, "pretrain", f"{arm.init}_{arm.pretrain_epochs}ep", "models", "pretrained_encoder.pt"
+            )
         return values
 
     def pretrain(method: str, epochs: int) -> None:
         root = os.path.join(output_dir, "pretrain", f"{method}_{epochs}ep")
         if not os.path.isfile(os.path.join(root, "models", "pretrained_encoder.pt")):
             start = time.time()
-            _run_bundle(CONFIGS[method], root, {**common, **settings["pretrain"], "dataset_dir": unlabelled_json,
-                                                "max_epochs": epochs, "resume_from": "latest"}, run_id="training")
+            _run_bundle(
+                CONFIGS[method],
+                root,
+                {
+                    **common,
+                    **settings["pretrain"],
+                    "dataset_dir": unlabelled_json,
+                    "max_epochs": epochs,
+                    "resume_from": "latest",
+                },
+                run_id="training",
+            )
             timings[root] = time.time() - start
 
     def fine_tune(arm: Arm, lr: float, n: int, seed: int) -> float:
@@ -263,6 +355,7 @@ def compare(
 
     # stages are subprocesses: `parallel` of them share the machine (several small runs fill one GPU)
     with ThreadPoolExecutor(max_workers=parallel or settings.get("parallel", 1)) as pool:
+
         def each(function, jobs: list[tuple], desc: str) -> list:
             return list(tqdm(pool.map(lambda job: function(*job), jobs), total=len(jobs), desc=desc, unit="run"))
 
@@ -276,8 +369,9 @@ def compare(
     return _report(output_dir, arms, budgets, seeds, sweep, selected, run_dir)
 
 
-def _report(output_dir: str, arms: list[Arm], budgets: Sequence[int], seeds: Sequence[int], sweep: list,
-            selected: dict, run_dir) -> str:
+def _report(
+    output_dir: str, arms: list[Arm], budgets: Sequence[int], seeds: Sequence[int], sweep: list, selected: dict, run_dir
+) -> str:
     """Write sweep.csv, results.csv, results.md and results.png from the finished runs."""
     import matplotlib
 
@@ -308,8 +402,10 @@ def _report(output_dir: str, arms: list[Arm], budgets: Sequence[int], seeds: Seq
         return [statistics.mean(r[5] for r in rows if r[:2] == (name, n) and r[3] == s) for s in seeds]
 
     sd = lambda values: statistics.stdev(values) if len(values) > 1 else 0.0  # noqa: E731
-    table = ["| arm | budget | learning rate (by validation) | test Dice | sd over seeds | sd over cases |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    table = [
+        "| arm | budget | learning rate (by validation) | test Dice | sd over seeds | sd over cases |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     figure, axis = plt.subplots(figsize=(6, 4))
     for arm in arms:
         means, spreads = [], []
@@ -317,19 +413,29 @@ def _report(output_dir: str, arms: list[Arm], budgets: Sequence[int], seeds: Seq
             seed_means, case_means = per_seed(arm.name, n), list(per_case(arm.name, n).values())
             means.append(statistics.mean(seed_means))
             spreads.append(sd(seed_means))
-            table.append(f"| {arm.name} | {n} | {selected[arm, n]:g} | {means[-1]:.3f} | {spreads[-1]:.3f} | "
-                         f"{sd(case_means):.3f} |")
+            table.append(
+                f"| {arm.name} | {n} | {selected[arm, n]:g} | {means[-1]:.3f} | {spreads[-1]:.3f} | "
+                f"{sd(case_means):.3f} |"
+            )
         axis.errorbar(budgets, means, yerr=spreads, marker="o", capsize=3, label=arm.name)
-    pairs = [(a, b) for a in arms if a.init == "pgl" for b in arms
-             if b.init == "random" or (b.init == "byol" and b.pretrain_epochs == a.pretrain_epochs)]
-    differences = ["| difference | budget | mean | 95 % interval (paired bootstrap over test cases) |",
-                   "| --- | --- | --- | --- |"]
+    pairs = [
+        (a, b)
+        for a in arms
+        if a.init == "pgl"
+        for b in arms
+        if b.init == "random" or (b.init == "byol" and b.pretrain_epochs == a.pretrain_epochs)
+    ]
+    differences = [
+        "| difference | budget | mean | 95 % interval (paired bootstrap over test cases) |",
+        "| --- | --- | --- | --- |",
+    ]
     for a, b in pairs:
         for n in budgets:
             da, db = per_case(a.name, n), per_case(b.name, n)
             result = paired_bootstrap([da[c] for c in da], [db[c] for c in da])
-            differences.append(f"| {a.name} - {b.name} | {n} | {result.mean:+.3f} | "
-                               f"[{result.low:+.3f}, {result.high:+.3f}] |")
+            differences.append(
+                f"| {a.name} - {b.name} | {n} | {result.mean:+.3f} | [{result.low:+.3f}, {result.high:+.3f}] |"
+            )
     axis.set_xlabel("labelled training cases")
     axis.set_ylabel("mean Dice on held-out cases")
     axis.set_xticks(list(budgets))
@@ -337,10 +443,12 @@ def _report(output_dir: str, arms: list[Arm], budgets: Sequence[int], seeds: Seq
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "results.png"), dpi=120)
-    note = (f"Test Dice: per-case mean foreground Dice on the held-out cases, averaged over cases and {len(seeds)} "
-            "seed(s) at the learning rate each arm reached its best mean validation Dice with (sweep.csv); sd over "
-            "seeds: of the per-seed means; sd over cases: of the per-case means over seeds. Differences: per test "
-            "case, seeds averaged, then a 95 % percentile bootstrap over cases (pgl_bundle.stats.paired_bootstrap).")
+    note = (
+        f"Test Dice: per-case mean foreground Dice on the held-out cases, averaged over cases and {len(seeds)} "
+        "seed(s) at the learning rate each arm reached its best mean validation Dice with (sweep.csv); sd over "
+        "seeds: of the per-seed means; sd over cases: of the per-case means over seeds. Differences: per test "
+        "case, seeds averaged, then a 95 % percentile bootstrap over cases (pgl_bundle.stats.paired_bootstrap)."
+    )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n\n" + "\n".join(differences) + "\n\n" + note + "\n")
     return os.path.join(output_dir, "results.md")

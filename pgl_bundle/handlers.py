@@ -52,7 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 def _size(num_bytes: float) -> str:
     """``"916 MB"``, ``"2.02 GB"`` (decimal units, as ``ls`` and ``df -H`` count): a size for a message."""
     return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
@@ -209,9 +208,7 @@ def check_free_space(savers: Sequence[object]) -> int:
             needs[_disk(saver.save_dir)][1] += saver.bytes_needed()
             needs[_disk(saver.save_dir)][2].append(saver.save_dir)
     for free, need, folders, disk in needs.values():
-        logger.info(
-            f"checkpoints in {sorted(set(folders))}: up to {_size(need)} at once, {_size(free)} free."
-        )
+        logger.info(f"checkpoints in {sorted(set(folders))}: up to {_size(need)} at once, {_size(free)} free.")
         if need > free:
             raise DiskSpaceError(
                 28,
@@ -263,7 +260,9 @@ def resolve_resume(resume_from: str, directory: str) -> str:
         return resume_from
     run_id = read_run_id(os.path.join(directory, "run.json"))
     path = latest_checkpoint(directory, run_id)
-    logger.info(f"resume_from latest: {path or 'no checkpoint of this run in ' + directory + ', starting from scratch'}.")
+    logger.info(
+        f"resume_from latest: {path or 'no checkpoint of this run in ' + directory + ', starting from scratch'}."
+    )
     return path
 
 

@@ -59,9 +59,14 @@ def _pretrain(method: str, root: str, unlabelled_json: str, iterations: Sequence
     if epoch_length < 1:
         raise ValueError(f"{unlabelled_json}: {volumes} volumes, fewer than one batch of {overrides['batch_size']}.")
     every = math.gcd(*[i for i in iterations if i > 0])
-    overrides = {**overrides, "dataset_dir": unlabelled_json, "max_epochs": math.ceil(max(iterations) / epoch_length),
-                 "checkpoint_every_n_iterations": every, "train#checkpoint_handlers#3#n_saved": "None",
-                 "resume_from": "latest"}
+    overrides = {
+        **overrides,
+        "dataset_dir": unlabelled_json,
+        "max_epochs": math.ceil(max(iterations) / epoch_length),
+        "checkpoint_every_n_iterations": every,
+        "train#checkpoint_handlers#3#n_saved": "None",
+        "resume_from": "latest",
+    }
     _run_bundle(CONFIGS[method], root, overrides, run_id="training")
 
 
@@ -120,8 +125,9 @@ def probe_curve(
         os.makedirs(output_dir, exist_ok=True)
         items = load_datalist(labelled, keys=["image", "label"])
         if num_train_cases + num_test_cases > len(items):
-            raise ValueError(f"{labelled}: {len(items)} cases, fewer than {num_train_cases} training + "
-                             f"{num_test_cases} test.")
+            raise ValueError(
+                f"{labelled}: {len(items)} cases, fewer than {num_train_cases} training + {num_test_cases} test."
+            )
         # the probes' datalist: the same training and test cases, without the others (each probe checks every file)
         split = os.path.join(output_dir, "labelled.json")
         os.replace(_write_datalist(f"{split}.{os.getpid()}", items[:num_train_cases] + items[-num_test_cases:]), split)
@@ -138,11 +144,22 @@ def probe_curve(
             checkpoints[method] = checkpoints_by_iteration(os.path.abspath(runs[method]))
             missing = [i for i in iterations if i > 0 and i not in checkpoints[method]]
             if missing:
-                raise FileNotFoundError(f"{runs[method]}/models/checkpoints: no checkpoint at iteration(s) {missing} "
-                                        f"(found: {sorted(checkpoints[method])}).")
-        probe = {**common, "dataset_dir": split, "label_names": list(label_names), "num_val_cases": 0,
-                 "num_train_cases": num_train_cases, "num_test_cases": num_test_cases, "batch_size": 2,
-                 "num_samples": 2, "probe_iterations": probe_iterations, "patch_size": list(patch_size)}
+                raise FileNotFoundError(
+                    f"{runs[method]}/models/checkpoints: no checkpoint at iteration(s) {missing} "
+                    f"(found: {sorted(checkpoints[method])})."
+                )
+        probe = {
+            **common,
+            "dataset_dir": split,
+            "label_names": list(label_names),
+            "num_val_cases": 0,
+            "num_train_cases": num_train_cases,
+            "num_test_cases": num_test_cases,
+            "batch_size": 2,
+            "num_samples": 2,
+            "probe_iterations": probe_iterations,
+            "patch_size": list(patch_size),
+        }
         for (method, iteration, seed), root in tqdm(probes.items(), desc="probe curve", unit="probe"):
             if not os.path.isfile(os.path.join(root, "eval", "probe", RESULT)):
                 source = {"pretraining_checkpoint": checkpoints[method][iteration]} if iteration else {}
@@ -189,8 +206,14 @@ def _report(output_dir: str, rows: list[tuple], iterations: list[int], unfinishe
         text = [f"{c[0]:.3f} ± {c[1]:.3f} ({c[2]} seeds, ± {c[3]:.3f})" if c else "-" for c in cells]
         table.append(f"| {method} | " + " | ".join(text) + " |")
         shown = [(i, c) for i, c in zip(iterations, cells) if c]
-        axis.errorbar([i for i, _ in shown], [c[0] for _, c in shown], yerr=[c[3] for _, c in shown],
-                      marker="o", capsize=3, label=method.upper())
+        axis.errorbar(
+            [i for i, _ in shown],
+            [c[0] for _, c in shown],
+            yerr=[c[3] for _, c in shown],
+            marker="o",
+            capsize=3,
+            label=method.upper(),
+        )
     baseline = cell(METHODS[0], 0)
     if baseline:
         axis.axhline(baseline[0], color="grey", linestyle="--", label="random init")
@@ -201,9 +224,11 @@ def _report(output_dir: str, rows: list[tuple], iterations: list[int], unfinishe
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "probe_curve.png"), dpi=120)
     plt.close(figure)
-    note = ("Mean ± sd over test cases and seeds of the per-case mean foreground Dice; in brackets, the number of "
-            "probe seeds and the sd of the per-seed means (error bars of the plot). Iteration 0 is a randomly "
-            "initialised encoder (one per seed), shared by both rows.")
+    note = (
+        "Mean ± sd over test cases and seeds of the per-case mean foreground Dice; in brackets, the number of "
+        "probe seeds and the sd of the per-seed means (error bars of the plot). Iteration 0 is a randomly "
+        "initialised encoder (one per seed), shared by both rows."
+    )
     if unfinished:
         note += f" Not finished, left out: {', '.join(unfinished)}."
     with open(os.path.join(output_dir, "probe_curve.md"), "w") as f:

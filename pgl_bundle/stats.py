@@ -51,8 +51,14 @@ def paired_bootstrap(
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"paired_bootstrap needs two equally long lists of at least 2 cases: {a.shape}, {b.shape}.")
     result = bootstrap(
-        (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, vectorized=True, confidence_level=confidence,
-        n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed),
+        (a, b),
+        lambda x, y, axis: np.mean(x - y, axis=axis),
+        paired=True,
+        vectorized=True,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
     interval = result.confidence_interval
     return PairedDifference(float(np.mean(a - b)), float(interval.low), float(interval.high), confidence, len(a))

@@ -57,8 +57,9 @@ class ThroughputHandler(TensorBoardHandler):
 
     def attach(self, engine: Engine) -> None:
         self.wall.attach(engine, start=Events.STARTED)
-        self.data.attach(engine, start=Events.STARTED, resume=Events.GET_BATCH_STARTED,
-                         pause=Events.GET_BATCH_COMPLETED)
+        self.data.attach(
+            engine, start=Events.STARTED, resume=Events.GET_BATCH_STARTED, pause=Events.GET_BATCH_COMPLETED
+        )
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, lambda _: self.close())
@@ -73,8 +74,10 @@ class ThroughputHandler(TensorBoardHandler):
         pairs = (iteration - self._last[0]) * self.batch_size * idist.get_world_size()
         self._last = (iteration, wall, data)
         rate, wait = pairs / max(window, 1e-9), waited / max(window, 1e-9)
-        self.logger.info(f"iteration {engine.state.iteration}: {rate:.1f} view pairs/s (all processes), "
-                         f"{100 * wait:.1f} % of the time waiting for data")
+        self.logger.info(
+            f"iteration {engine.state.iteration}: {rate:.1f} view pairs/s (all processes), "
+            f"{100 * wait:.1f} % of the time waiting for data"
+        )
         self._writer.add_scalar(f"{self.tag}/pairs_per_second", rate, engine.state.iteration)
         self._writer.add_scalar(f"{self.tag}/data_wait_fraction", wait, engine.state.iteration)
         self._writer.flush()

@@ -22,7 +22,11 @@ from torch import nn
 from pgl_bundle.errors import require_file
 
 __all__ = [
-    "FreezeEncoder", "export_encoder", "load_encoder_checkpoint", "load_online_encoder", "load_pretrained_encoder"
+    "FreezeEncoder",
+    "export_encoder",
+    "load_encoder_checkpoint",
+    "load_online_encoder",
+    "load_pretrained_encoder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,7 +139,7 @@ def load_online_encoder(
     path = os.fspath(checkpoint)
     state = _load(path, "pretraining checkpoint", "a")
     network_state = state.get("network") if isinstance(state, Mapping) else None
-    encoder = {k[len(prefix):]: v for k, v in (network_state or {}).items() if k.startswith(prefix)}
+    encoder = {k[len(prefix) :]: v for k, v in (network_state or {}).items() if k.startswith(prefix)}
     if not encoder:
         raise ValueError(f"{path}: not a pretraining checkpoint: no 'network' entry with '{prefix}*' tensors.")
     return _load_encoder_state(network, path, encoder, strict=True)
@@ -205,8 +209,10 @@ def export_encoder(
         f"{k} {tuple(state[k].shape)} vs {tuple(result[prefix + k].shape)}" if prefix + k in result else k
         for k in state.keys() - set(fitting)
     ]
-    logger.info(f"{path}: exported {len(fitting)} of {len(state)} encoder tensors to {type(target).__name__}"
-                f" '{prefix}*'; left out: [{_quote(kept)}].")
+    logger.info(
+        f"{path}: exported {len(fitting)} of {len(state)} encoder tensors to {type(target).__name__}"
+        f" '{prefix}*'; left out: [{_quote(kept)}]."
+    )
     if filepath is not None:
         torch.save(result, filepath)
     return result

@@ -26,8 +26,15 @@ import fire
 import numpy as np
 
 OLD_COMMIT = "55ec322"
-TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "hidden_channels": 32, "embedding_channels": 16,
-        "batch_size": 2, "num_workers": 2, "max_epochs": 1}
+TINY = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "hidden_channels": 32,
+    "embedding_channels": 16,
+    "batch_size": 2,
+    "num_workers": 2,
+    "max_epochs": 1,
+}
 WINDOW = (-1024, 325)
 
 
@@ -61,9 +68,17 @@ def first_step(engine) -> None:
 def _probe_config(folder: str) -> str:
     path = os.path.join(folder, "probe.json")
     with open(path, "w") as f:
-        json.dump({"probe": ["$import benchmark_data", "$@train#trainer.add_event_handler("
-                             "ignite.engine.Events.ITERATION_COMPLETED(once=1), benchmark_data.first_step)",
-                             "$@train#trainer.run()"]}, f)
+        json.dump(
+            {
+                "probe": [
+                    "$import benchmark_data",
+                    "$@train#trainer.add_event_handler("
+                    "ignite.engine.Events.ITERATION_COMPLETED(once=1), benchmark_data.first_step)",
+                    "$@train#trainer.run()",
+                ]
+            },
+            f,
+        )
     return path
 
 
@@ -72,8 +87,11 @@ def _old_configs(folder: str) -> list[str]:
     for name in ("pretrain.json", "multi_gpu_pretrain.json"):
         paths.append(os.path.join(folder, f"old_{name}"))
         with open(paths[-1], "w") as f:
-            f.write(subprocess.run(["git", "show", f"{OLD_COMMIT}:configs/{name}"], check=True, capture_output=True,
-                                   text=True).stdout)
+            f.write(
+                subprocess.run(
+                    ["git", "show", f"{OLD_COMMIT}:configs/{name}"], check=True, capture_output=True, text=True
+                ).stdout
+            )
     return paths
 
 
@@ -82,18 +100,36 @@ def _startup(configs: list[str], processes: int, overrides: dict, folder: str) -
     out = os.path.join(folder, f"probe_{time.time_ns()}")
     configs = configs[:1] + (configs[1:] if processes > 1 else []) + [_probe_config(folder)]
     args = [a for k, v in {**TINY, **overrides}.items() for a in (f"--{k}", json.dumps(v))]
-    bundle = ["-m", "monai.bundle", "run", "probe", "--config_file", json.dumps(configs), "--bundle_root",
-              os.path.join(folder, "bundle"), *args]
+    bundle = [
+        "-m",
+        "monai.bundle",
+        "run",
+        "probe",
+        "--config_file",
+        json.dumps(configs),
+        "--bundle_root",
+        os.path.join(folder, "bundle"),
+        *args,
+    ]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     scripts = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "BENCH_T0": repr(time.time()), "BENCH_OUT": out, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), scripts, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "BENCH_T0": repr(time.time()),
+        "BENCH_OUT": out,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), scripts, os.environ.get("PYTHONPATH")])),
+    }
     result = subprocess.run([sys.executable, *launcher, *bundle], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     ranks = [json.load(open(f"{out}.rank{r}")) for r in range(processes)]
-    return {"startup_s": max(r["startup_s"] for r in ranks), "rss_gb": sum(r["rss_gb"] for r in ranks),
-            "pss_anon_gb": sum(r["pss_anon_gb"] for r in ranks), "processes": sum(r["processes"] for r in ranks)}
+    return {
+        "startup_s": max(r["startup_s"] for r in ranks),
+        "rss_gb": sum(r["rss_gb"] for r in ranks),
+        "pss_anon_gb": sum(r["pss_anon_gb"] for r in ranks),
+        "processes": sum(r["processes"] for r in ranks),
+    }
 
 
 def _pairs_per_second(configs: list[str], overrides: dict, seconds: float, num_workers: int = 1) -> float:
@@ -128,12 +164,20 @@ def corpus(folder: str, num_volumes: int, num_workers: int = 1) -> None:
     paths = make_ct_corpus(folder, num_volumes, num_workers=num_workers)
     elapsed = time.perf_counter() - start
     size = sum(os.path.getsize(p) for p in paths) / len(paths) / 1e6
-    print(f"{num_volumes - before} volumes written in {elapsed:.0f} s with {num_workers} processes "
-          f"({(num_volumes - before) / max(elapsed, 1e-9) * 60:.1f} per minute); {size:.0f} MB per .nii.gz")
+    print(
+        f"{num_volumes - before} volumes written in {elapsed:.0f} s with {num_workers} processes "
+        f"({(num_volumes - before) / max(elapsed, 1e-9) * 60:.1f} per minute); {size:.0f} MB per .nii.gz"
+    )
 
 
-def scale(folder: str, sizes=(25, 100), old_sizes=(10, 25), old_max_processes_gb: float = 5.0,
-          prepared_dir: str = "", seconds: float = 20.0) -> None:
+def scale(
+    folder: str,
+    sizes=(25, 100),
+    old_sizes=(10, 25),
+    old_max_processes_gb: float = 5.0,
+    prepared_dir: str = "",
+    seconds: float = 20.0,
+) -> None:
     """Old and prepared path for each N in ``sizes`` (old: ``old_sizes``, where its RAM stays under the limit)."""
     from pgl_bundle.data import load_datalist, prepare
 
@@ -147,8 +191,10 @@ def scale(folder: str, sizes=(25, 100), old_sizes=(10, 25), old_max_processes_gb
         print(f"prepare: N={n}: {time.perf_counter() - start:.0f} s (incremental over smaller N, 2 processes)")
         shapes = [np.load(i["image"], mmap_mode="r").shape for i in items]
     voxels = np.mean([np.prod(s) for s in shapes])
-    print(f"mean preprocessed volume: {voxels / 1e6:.1f} Mvoxels = {voxels * 4 / 1e6:.0f} MB float32, "
-          f"{voxels * 2 / 1e6:.0f} MB int16 (of {len(shapes)}; source {len(load_datalist(folder))} volumes)")
+    print(
+        f"mean preprocessed volume: {voxels / 1e6:.1f} Mvoxels = {voxels * 4 / 1e6:.0f} MB float32, "
+        f"{voxels * 2 / 1e6:.0f} MB int16 (of {len(shapes)}; source {len(load_datalist(folder))} volumes)"
+    )
     print("path      N  procs  startup_s  rss_gb  pss_anon_gb  processes")
     for n in sorted(set(sizes) | set(old_sizes)):
         for processes in (1, 2):
@@ -159,16 +205,21 @@ def scale(folder: str, sizes=(25, 100), old_sizes=(10, 25), old_max_processes_gb
                 runs.append(("prepared", new, {"prepared_dir": prepared_dir, "num_volumes": n}))
             for name, configs, overrides in runs:
                 r = _startup(configs, processes, overrides, work)
-                print(f"{name:9s} {n:4d} {processes:5d} {r['startup_s']:10.1f} {r['rss_gb']:7.2f} "
-                      f"{r['pss_anon_gb']:12.2f} {r['processes']:10d}", flush=True)
+                print(
+                    f"{name:9s} {n:4d} {processes:5d} {r['startup_s']:10.1f} {r['rss_gb']:7.2f} "
+                    f"{r['pss_anon_gb']:12.2f} {r['processes']:10d}",
+                    flush=True,
+                )
     new_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds)
     print(f"view pairs/s, one DataLoader worker, 96x96x16: prepared (N={max(sizes)}, memory maps) {new_rate:.1f}")
     cpu_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds, 0)
     print(f"view pairs per CPU-second (one thread, no worker), 96x96x16: prepared {cpu_rate:.1f}")
     if old_sizes:  # the old path caches its N volumes in this process first: its smallest N
         old_rate = _pairs_per_second(old, {"dataset_dir": folder, "num_volumes": min(old_sizes)}, seconds)
-        print(f"view pairs/s, one DataLoader worker, 96x96x16: old (N={min(old_sizes)}, cached) {old_rate:.1f}; "
-              f"prepared / old {new_rate / old_rate:.2f}")
+        print(
+            f"view pairs/s, one DataLoader worker, 96x96x16: old (N={min(old_sizes)}, cached) {old_rate:.1f}; "
+            f"prepared / old {new_rate / old_rate:.2f}"
+        )
 
 
 def _drop_page_cache() -> bool:
@@ -183,22 +234,32 @@ def _drop_page_cache() -> bool:
 
 def dtypes(sources: str = "../shared/data/unlabeled", crops: int = 20, seed: int = 0) -> None:
     """Stored dtype / layout table: int16 HU vs float16 and uint8 windowed, plain .npy read through memory maps."""
-    from monai.transforms import Compose, LoadImaged, ScaleIntensityRanged
+    from monai.transforms import Compose, LoadImaged
 
     from pgl_bundle.data import deterministic_transforms, load_datalist
 
     low, high = WINDOW
     encode = {  # stored array from the float32 HU volume, and back to windowed float32 intensities
         "float32 windowed": (lambda hu: np.clip((hu - low) / (high - low), 0, 1).astype(np.float32), lambda a: a),
-        "int16 HU": (lambda hu: np.round(hu).astype(np.int16),
-                     lambda a: np.clip((a.astype(np.float32) - low) / (high - low), 0, 1)),
-        "float16 windowed": (lambda hu: np.clip((hu - low) / (high - low), 0, 1).astype(np.float16),
-                             lambda a: a.astype(np.float32)),
-        "uint8 windowed": (lambda hu: np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8),
-                           lambda a: a.astype(np.float32) / 255),
+        "int16 HU": (
+            lambda hu: np.round(hu).astype(np.int16),
+            lambda a: np.clip((a.astype(np.float32) - low) / (high - low), 0, 1),
+        ),
+        "float16 windowed": (
+            lambda hu: np.clip((hu - low) / (high - low), 0, 1).astype(np.float16),
+            lambda a: a.astype(np.float32),
+        ),
+        "uint8 windowed": (
+            lambda hu: np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8),
+            lambda a: a.astype(np.float32) / 255,
+        ),
     }
-    chain = Compose([LoadImaged("image", image_only=True, ensure_channel_first=True),
-                     *deterministic_transforms(WINDOW, None, (134, 134, 22))])
+    chain = Compose(
+        [
+            LoadImaged("image", image_only=True, ensure_channel_first=True),
+            *deterministic_transforms(WINDOW, None, (134, 134, 22)),
+        ]
+    )
     rng = np.random.default_rng(seed)
     work = tempfile.mkdtemp(prefix="benchmark_dtypes_")
     rows = {name: {"mb": [], "write_s": [], "cold_ms": [], "warm_ms": [], "error": 0.0} for name in encode}
@@ -229,12 +290,16 @@ def dtypes(sources: str = "../shared/data/unlabeled", crops: int = 20, seed: int
                         ref = reference[:, x : x + 134, y : y + 134, z : z + 22]
                         rows[name]["error"] = max(rows[name]["error"], float(np.abs(crop - ref).max()))
                 rows[name][f"{cache}_ms"].append(np.median(times) * 1e3)
-    print(f"{len(load_s)} volumes of {sources}; load + deterministic chain {np.mean(load_s):.2f} s per volume "
-          f"(same for every dtype); page cache dropped for cold reads: {cold_ok}")
+    print(
+        f"{len(load_s)} volumes of {sources}; load + deterministic chain {np.mean(load_s):.2f} s per volume "
+        f"(same for every dtype); page cache dropped for cold reads: {cold_ok}"
+    )
     print("stored as          MB/volume  write_s  crop_cold_ms  crop_warm_ms  max_error")
     for name, r in rows.items():
-        print(f"{name:18s} {np.mean(r['mb']):9.1f} {np.mean(r['write_s']):8.3f} {np.mean(r['cold_ms']):13.2f} "
-              f"{np.mean(r['warm_ms']):13.3f} {r['error']:10.2e}")
+        print(
+            f"{name:18s} {np.mean(r['mb']):9.1f} {np.mean(r['write_s']):8.3f} {np.mean(r['cold_ms']):13.2f} "
+            f"{np.mean(r['warm_ms']):13.3f} {r['error']:10.2e}"
+        )
 
 
 def views(image: str = "../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz", seconds: float = 10.0, rounds: int = 3):
@@ -250,13 +315,19 @@ def views(image: str = "../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz", second
     folder = tempfile.mkdtemp(prefix="benchmark_views_")
     os.symlink(os.path.abspath(image), os.path.join(folder, os.path.basename(image)))
     item = prepare(folder, os.path.join(folder, "prepared"), WINDOW)[0]
-    in_ram = Compose([LoadImaged("image", image_only=True, ensure_channel_first=True),
-                      *deterministic_transforms(WINDOW, None, (134, 134, 22)),
-                      ScaleIntensityRanged("image", *WINDOW, 0.0, 1.0, clip=True)])({"image": image})["image"]
+    in_ram = Compose(
+        [
+            LoadImaged("image", image_only=True, ensure_channel_first=True),
+            *deterministic_transforms(WINDOW, None, (134, 134, 22)),
+            ScaleIntensityRanged("image", *WINDOW, 0.0, 1.0, clip=True),
+        ]
+    )({"image": image})["image"]
     sides = {
         "old: float32 in RAM": (lambda: {"image": in_ram}, RandPGLViewsd("image", (96, 96, 16))),
-        "prepared: int16 memory map": (lambda: LoadPreparedd("image")(item),
-                                       RandPGLViewsd("image", (96, 96, 16), intensity_range=WINDOW)),
+        "prepared: int16 memory map": (
+            lambda: LoadPreparedd("image")(item),
+            RandPGLViewsd("image", (96, 96, 16), intensity_range=WINDOW),
+        ),
     }
     intensity = RandPGLIntensityd(["view1", "view2"])
     rates = {name: [] for name in sides}

@@ -19,8 +19,8 @@ from functools import partial
 import fire
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
 from monai.networks.blocks import UnetBasicBlock, UpSample
+from monai.networks.nets import UNet
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -32,8 +32,9 @@ RESNET50 = {"layers": (3, 4, 6, 3), "block": "bottleneck", "block_inplanes": (64
 
 def reference_unet(out_channels: int = 2) -> UNet:
     """The plain MONAI UNet of the sanity bar (MONAI's 3D tutorial network)."""
-    return UNet(3, 1, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2,
-                norm="batch")
+    return UNet(
+        3, 1, out_channels, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="batch"
+    )
 
 
 class OldDecoderStage(nn.Module):
@@ -43,8 +44,9 @@ class OldDecoderStage(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scale) -> None:
         super().__init__()
         self.upsample = UpSample(3, in_channels, out_channels, scale_factor=tuple(scale), mode="deconv")
-        self.block = UnetBasicBlock(3, out_channels + skip_channels, out_channels, kernel_size=3, stride=1,
-                                    norm_name="instance")
+        self.block = UnetBasicBlock(
+            3, out_channels + skip_channels, out_channels, kernel_size=3, stride=1, norm_name="instance"
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([self.upsample(x), skip], dim=1))
@@ -58,7 +60,8 @@ def old_network(encoder_args: dict, widths=(256, 128, 64, 32, 16)) -> PGLSegment
     net.decoder = nn.ModuleList(
         OldDecoderStage(c_in, c_skip, c_out, scale)
         for c_in, c_skip, c_out, scale in zip(
-            (encoder.out_channels[-1], *widths[:-1]), skips, widths, encoder.stage_strides[::-1])
+            (encoder.out_channels[-1], *widths[:-1]), skips, widths, encoder.stage_strides[::-1]
+        )
     )
     return net
 
@@ -71,7 +74,8 @@ def _networks(resnet50: bool, decoders) -> dict[str, Callable[[], nn.Module]]:
         nets[f"PGL {name}, old decoder [256,128,64,32,16]"] = partial(old_network, encoder)
         for widths in decoders:
             nets[f"PGL {name}, light decoder {list(widths)}"] = partial(
-                lambda e, w: PGLSegmentationNet(PGLResNetEncoder(**e), 2, decoder_channels=w), encoder, widths)
+                lambda e, w: PGLSegmentationNet(PGLResNetEncoder(**e), 2, decoder_channels=w), encoder, widths
+            )
     return nets
 
 
@@ -106,8 +110,15 @@ def _step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss, rep
     return statistics.median(times)
 
 
-def main(patch=(96, 96, 32), batch: int = 4, threads: int = 2, repeats: int = 5, resnet50: bool = True,
-         time_resnet50: bool = False, decoders=((128, 64, 32, 16, 16), (64, 32, 16, 16, 16))) -> None:
+def main(
+    patch=(96, 96, 32),
+    batch: int = 4,
+    threads: int = 2,
+    repeats: int = 5,
+    resnet50: bool = True,
+    time_resnet50: bool = False,
+    decoders=((128, 64, 32, 16, 16), (64, 32, 16, 16, 16)),
+) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.rand(batch, 1, *patch)

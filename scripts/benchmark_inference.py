@@ -89,8 +89,10 @@ def time_choices(image: str, overrides: dict | None = None, repeats: int = 1, th
         per_batch = seconds_per_batch[roi, sw_batch]
         total = overhead + -(-windows // sw_batch) * per_batch
         base = base or total
-        print(f"{'x'.join(map(str, roi))} | {overlap} | {sw_batch} | {windows} | {per_batch:.2f} | {overhead:.2f} | "
-              f"{total:.1f} | {base / total:.2f}x")
+        print(
+            f"{'x'.join(map(str, roi))} | {overlap} | {sw_batch} | {windows} | {per_batch:.2f} | {overhead:.2f} | "
+            f"{total:.1f} | {base / total:.2f}x"
+        )
 
 
 def dice_choices(bundle_root: str, cases: list[str], overrides: dict, data: str = "../shared/data/sts") -> None:
@@ -125,8 +127,10 @@ def dice_choices(bundle_root: str, cases: list[str], overrides: dict, data: str 
         mean = sum(scores) / len(scores)
         base = base or (seconds, mean)
         per_case = " ".join(f"{s:.3f}" for s in scores)
-        print(f"{'x'.join(map(str, inferer.roi_size))} | {overlap} | {sw_batch} | {mean:.4f} | {per_case} | "
-              f"{seconds:.1f} | {base[0] / seconds:.2f}x | {mean - base[1]:+.4f}")
+        print(
+            f"{'x'.join(map(str, inferer.roi_size))} | {overlap} | {sw_batch} | {mean:.4f} | {per_case} | "
+            f"{seconds:.1f} | {base[0] / seconds:.2f}x | {mean - base[1]:+.4f}"
+        )
 
 
 def _label(path: str, pixdim: list[float] | None) -> torch.Tensor:

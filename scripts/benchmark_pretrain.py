@@ -17,10 +17,8 @@ import resource
 import time
 
 import fire
-import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from torch.utils.flop_counter import FlopCounterMode
 from monai.transforms import (
     Compose,
     CopyItemsd,
@@ -34,6 +32,7 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRanged,
 )
+from torch.utils.flop_counter import FlopCounterMode
 
 from pgl_bundle import RandPGLIntensityd, RandPGLViewsd
 from pgl_bundle.data import deterministic_transforms
@@ -44,10 +43,13 @@ def _preprocessed(image: str):
     parser = ConfigParser()
     parser.read_config("configs/pretrain.json")
     window = parser.get_parsed_content("hu_window")
-    chain = [LoadImaged("image", image_only=True, ensure_channel_first=True),
-             *deterministic_transforms(window, parser.get_parsed_content("pixdim"),
-                                       parser.get_parsed_content("min_volume_size")),
-             ScaleIntensityRanged("image", window[0], window[1], 0.0, 1.0, clip=True)]
+    chain = [
+        LoadImaged("image", image_only=True, ensure_channel_first=True),
+        *deterministic_transforms(
+            window, parser.get_parsed_content("pixdim"), parser.get_parsed_content("min_volume_size")
+        ),
+        ScaleIntensityRanged("image", window[0], window[1], 0.0, 1.0, clip=True),
+    ]
     return Compose(chain)({"image": image})["image"]
 
 
@@ -114,14 +116,35 @@ def _network(method: str, device: torch.device, **overrides):
     parser = ConfigParser()
     parser.read_config(["configs/pretrain.json"] + (["configs/pretrain_byol.json"] if method == "byol" else []))
     parser.update({**overrides, "device": f"$torch.device('{device.type}')"})
-    return parser.get_parsed_content("network"), parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer")
+    return (
+        parser.get_parsed_content("network"),
+        parser.get_parsed_content("loss"),
+        parser.get_parsed_content("optimizer"),
+    )
 
 
-def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), block: str = "bottleneck",
-         patch=(96, 96, 16), batch: int = 2, hidden: int = 4096, repeats: int = 3, threads=None, amp: bool = False,
-         amp_dtype: str = "bfloat16", activation_checkpointing: bool = False, channels_last: bool = False,
-         peak_tflops: float | None = None, cudnn_benchmark: bool = False, fused: bool = False, compile: bool = False,
-         compile_mode: str = "default", parts: bool = True, warmup: int = 1):
+def step(
+    method: str = "pgl",
+    layers=(3, 4, 6, 3),
+    width=(64, 128, 256, 512),
+    block: str = "bottleneck",
+    patch=(96, 96, 16),
+    batch: int = 2,
+    hidden: int = 4096,
+    repeats: int = 3,
+    threads=None,
+    amp: bool = False,
+    amp_dtype: str = "bfloat16",
+    activation_checkpointing: bool = False,
+    channels_last: bool = False,
+    peak_tflops: float | None = None,
+    cudnn_benchmark: bool = False,
+    fused: bool = False,
+    compile: bool = False,
+    compile_mode: str = "default",
+    parts: bool = True,
+    warmup: int = 1,
+):
     """One pretraining step (``method`` "pgl" or "byol") split into encoder passes and everything else; peak memory.
 
     With ``amp``, every part runs under ``torch.autocast(amp_dtype)`` as the trainer runs it. The speed options are
@@ -139,8 +162,14 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
     torch.backends.cudnn.benchmark = cudnn_benchmark
     peak_tflops = peak_tflops or _peak_tflops(device)
     net, loss_fn, optimizer = _network(
-        method, device, encoder_layers=list(layers), encoder_width=list(width), encoder_block=block,
-        hidden_channels=hidden, activation_checkpointing=activation_checkpointing, channels_last=channels_last,
+        method,
+        device,
+        encoder_layers=list(layers),
+        encoder_width=list(width),
+        encoder_block=block,
+        hidden_channels=hidden,
+        activation_checkpointing=activation_checkpointing,
+        channels_last=channels_last,
         fused_optimizer=fused,
     )
     autocast = torch.autocast(device.type, dtype=getattr(torch, amp_dtype), enabled=amp)
@@ -237,12 +266,23 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
     wall = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    options = [o for o, on in (("amp " + amp_dtype, amp), ("activation checkpointing", activation_checkpointing),
-                                ("channels-last", channels_last), ("cudnn.benchmark", cudnn_benchmark),
-                                ("fused optimizer + foreach EMA", fused), (f"compile {compile_mode}", compile)) if on]
+    options = [
+        o
+        for o, on in (
+            ("amp " + amp_dtype, amp),
+            ("activation checkpointing", activation_checkpointing),
+            ("channels-last", channels_last),
+            ("cudnn.benchmark", cudnn_benchmark),
+            ("fused optimizer + foreach EMA", fused),
+            (f"compile {compile_mode}", compile),
+        )
+        if on
+    ]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{method}: {name}, layers {list(layers)}, width {list(width)}, patch {list(patch)}, batch {batch}, "
-          f"hidden {hidden}, {', '.join(options) or 'fp32'}")
+    print(
+        f"{method}: {name}, layers {list(layers)}, width {list(width)}, patch {list(patch)}, batch {batch}, "
+        f"hidden {hidden}, {', '.join(options) or 'fp32'}"
+    )
     print(f"measured step:   {total * 1000:9.1f} ms (warm-up and timed steps took {wall:.1f} s)")
     if parts:
         timed = {"encoder passes": _timed(encoder_passes, repeats), "heads": _timed(head_passes, repeats)}
@@ -261,15 +301,23 @@ def step(method: str = "pgl", layers=(3, 4, 6, 3), width=(64, 128, 256, 512), bl
     if device.type == "cuda":
         tflops = flops / total / 1e12
         share = f" = {100 * tflops / peak_tflops:.1f} % of {peak_tflops:g} TFLOP/s" if peak_tflops else ""
-        print(f"samples/s: {batch / total:.1f} view pairs; {flops / 1e12:.2f} TFLOP per step, "
-              f"{tflops:.1f} TFLOP/s{share}")
+        print(
+            f"samples/s: {batch / total:.1f} view pairs; {flops / 1e12:.2f} TFLOP per step, {tflops:.1f} TFLOP/s{share}"
+        )
         print(f"peak GPU memory of the step: {peak_gpu / 2**20:.0f} MiB")
-        result.update(tflop_per_step=flops / 1e12, tflops=tflops, peak_tflops=peak_tflops,
-                      percent_of_peak=100 * tflops / peak_tflops if peak_tflops else None,
-                      peak_gpu_mib=peak_gpu / 2**20)
+        result.update(
+            tflop_per_step=flops / 1e12,
+            tflops=tflops,
+            peak_tflops=peak_tflops,
+            percent_of_peak=100 * tflops / peak_tflops if peak_tflops else None,
+            peak_gpu_mib=peak_gpu / 2**20,
+        )
     else:
         print(f"samples/s: {batch / total:.2f} view pairs")
-    print(f"peak RSS: {rss_after / 1024:.0f} MiB (the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)")
+    print(
+        f"peak RSS: {rss_after / 1024:.0f} MiB "
+        f"(the training step raised it by {(rss_after - rss_before) / 1024:.0f} MiB)"
+    )
     print("RESULT " + json.dumps(result))
 
 

@@ -24,9 +24,15 @@ import fire
 from monailabel.datastore.local import LocalDatastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-SMALL = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 32, 64, 128],
-         "decoder_channels": [64, 32, 16, 16, 8], "label_names": ["background", "tumour"],
-         "patch_size": [64, 64, 16], "num_workers": 0}
+SMALL = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_block": "basic",
+    "encoder_width": [16, 32, 64, 128],
+    "decoder_channels": [64, 32, 16, 16, 8],
+    "label_names": ["background", "tumour"],
+    "patch_size": [64, 64, 16],
+    "num_workers": 0,
+}
 
 
 class SmallBundleTrainTask(BundleTrainTask):

@@ -47,8 +47,12 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NETWORK = {"layers": [1, 1, 1, 1], "width": [8, 8, 8, 8], "patch": [32, 32, 16], "hidden": 32}
-TINY_RUN = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
-            "hidden_channels": 32}
+TINY_RUN = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 32,
+}
 EAGER_SETTINGS = [  # name, benchmark flags; each row adds its option to the row before
     ("fp32", []),
     ("+ bf16 autocast", ["--amp"]),
@@ -91,19 +95,28 @@ class Check:
             self.say(f"SKIPPED {name}, batch {batch}: no time left")
             return None
         args = [f"--{k}={json.dumps(v)}" for k, v in network.items()]
-        cmd = [sys.executable, "scripts/benchmark_pretrain.py", "step", f"--batch={batch}", "--repeats=5",
-               "--warmup=2", *args, *flags]
+        cmd = [
+            sys.executable,
+            "scripts/benchmark_pretrain.py",
+            "step",
+            f"--batch={batch}",
+            "--repeats=5",
+            "--warmup=2",
+            *args,
+            *flags,
+        ]
         self.say(f"\n=== {name}, batch {batch}: {' '.join(cmd[1:])}")
         try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=min(limit * self.slowdown, self.left()))
+            proc = subprocess.run(
+                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=min(limit * self.slowdown, self.left())
+            )
         except subprocess.TimeoutExpired:
             self.say("TIMED OUT")
             self.results["skipped"].append(f"{name}, batch {batch}: timed out")
             return None
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "Warning" not in line]
         self.say("\n".join(lines[-14:]))
-        found = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        found = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
             self.say(f"FAILED (exit {proc.returncode})")
             self.results["steps"].append({"setting": name, "batch": batch, "failed": lines[-1] if lines else ""})
@@ -124,11 +137,25 @@ class Check:
         overlay = os.path.join(work, "repeat.json")
         with open(overlay, "w") as f:
             json.dump(REPEAT_OVERLAY, f)
-        args = [arg for k, v in {"batch_size": batch, "dataset_dir": data, "max_epochs": 100000, **overrides}.items()
-                for arg in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-               json.dumps(["configs/pretrain.json", overlay]), "--logging_file", "configs/logging.conf",
-               "--bundle_root", work, *args]
+        args = [
+            arg
+            for k, v in {"batch_size": batch, "dataset_dir": data, "max_epochs": 100000, **overrides}.items()
+            for arg in (f"--{k}", v if isinstance(v, str) else json.dumps(v))
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            json.dumps(["configs/pretrain.json", overlay]),
+            "--logging_file",
+            "configs/logging.conf",
+            "--bundle_root",
+            work,
+            *args,
+        ]
         self.say(f"\n=== real run, batch {batch}, {seconds:.0f} s: {' '.join(cmd[1:])}")
         log_path = os.path.join(self.out, "real_run.log")
         with open(log_path, "w") as log:
@@ -147,17 +174,26 @@ class Check:
             self.results["real_run"] = {"batch": batch, "failed": text.splitlines()[-1:] if text else ""}
             return None
         rates, waits = [r for _, r, _ in steady], [w for _, _, w in steady]
-        result = {"batch": batch, "seconds": seconds, "iterations": windows[-1][0], "windows": len(steady),
-                  "pairs_per_s_median": statistics.median(rates), "pairs_per_s_min": min(rates),
-                  "pairs_per_s_max": max(rates), "data_wait_percent_median": statistics.median(waits)}
+        result = {
+            "batch": batch,
+            "seconds": seconds,
+            "iterations": windows[-1][0],
+            "windows": len(steady),
+            "pairs_per_s_median": statistics.median(rates),
+            "pairs_per_s_min": min(rates),
+            "pairs_per_s_max": max(rates),
+            "data_wait_percent_median": statistics.median(waits),
+        }
         self.results["real_run"] = result
         self.say(f"real run: {result}")
         return result
 
 
 def table(results: dict) -> str:
-    rows = ["| setting | batch | view pairs / s | step (ms) | TFLOP/s | fraction of peak | peak GPU memory |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| setting | batch | view pairs / s | step (ms) | TFLOP/s | fraction of peak | peak GPU memory |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results["steps"]:
         if "failed" in r:
             rows.append(f"| {r['setting']} | {r['batch']} | failed: {r['failed'][:60]} | | | | |")
@@ -165,14 +201,18 @@ def table(results: dict) -> str:
         share = f"{r['percent_of_peak']:.1f} %" if r.get("percent_of_peak") is not None else "-"
         tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
         memory = f"{r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else "-"
-        rows.append(f"| {r['setting']} | {r['batch']} | {r['pairs_per_s']:.1f} | {r['step_ms']:.1f} | {tflops} | "
-                    f"{share} | {memory} |")
+        rows.append(
+            f"| {r['setting']} | {r['batch']} | {r['pairs_per_s']:.1f} | {r['step_ms']:.1f} | {tflops} | "
+            f"{share} | {memory} |"
+        )
     real = results.get("real_run")
     if real and "pairs_per_s_median" in real:
-        rows.append(f"\nReal run, batch {real['batch']}: {real['pairs_per_s_median']:.1f} view pairs/s (median of "
-                    f"{real['windows']} windows, {real['pairs_per_s_min']:.1f}-{real['pairs_per_s_max']:.1f}), "
-                    f"{real['data_wait_percent_median']:.1f} % waiting for data; real / isolated: "
-                    f"{results.get('real_over_isolated', float('nan')):.2f}")
+        rows.append(
+            f"\nReal run, batch {real['batch']}: {real['pairs_per_s_median']:.1f} view pairs/s (median of "
+            f"{real['windows']} windows, {real['pairs_per_s_min']:.1f}-{real['pairs_per_s_max']:.1f}), "
+            f"{real['data_wait_percent_median']:.1f} % waiting for data; real / isolated: "
+            f"{results.get('real_over_isolated', float('nan')):.2f}"
+        )
     if results["skipped"]:
         rows.append("\nskipped: " + "; ".join(results["skipped"]))
     return "\n".join(rows) + "\n"
@@ -216,8 +256,13 @@ def main() -> None:
             break
     largest = fitting[-1]
     real = check.real_run(largest, opts.data, opts.real_seconds or (90 if opts.tiny else 180), run_overrides)  # 3.
-    isolated = check.bench("GPU defaults (+ compile)" if not opts.tiny else "CPU defaults (fp32, eager)", largest,
-                           ["--noparts", "--threads=2"] if opts.tiny else COMPILED, network, limit=240)  # 4.
+    isolated = check.bench(
+        "GPU defaults (+ compile)" if not opts.tiny else "CPU defaults (fp32, eager)",
+        largest,
+        ["--noparts", "--threads=2"] if opts.tiny else COMPILED,
+        network,
+        limit=240,
+    )  # 4.
     if real and isolated:
         check.results["real_over_isolated"] = real["pairs_per_s_median"] / isolated["pairs_per_s"]
         check.say(f"real / isolated: {check.results['real_over_isolated']:.2f}")

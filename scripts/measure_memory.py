@@ -41,9 +41,14 @@ def step(layers: list[int], patch: list[int], batch: int, options: dict, steps: 
     torch.manual_seed(0)
     parser = ConfigParser()
     parser.read_config("configs/pretrain.json")
-    parser.update({"encoder_layers": list(layers), "patch_size": list(patch),
-                   "activation_checkpointing": options.get("activation_checkpointing", False),
-                   "channels_last": options.get("channels_last", False)})
+    parser.update(
+        {
+            "encoder_layers": list(layers),
+            "patch_size": list(patch),
+            "activation_checkpointing": options.get("activation_checkpointing", False),
+            "channels_last": options.get("channels_last", False),
+        }
+    )
     network = parser.get_parsed_content("network_def").train()
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-4)
     views = RandPGLViewsd("image", roi_size=patch)
@@ -69,11 +74,21 @@ def step(layers: list[int], patch: list[int], batch: int, options: dict, steps: 
 
 def main(layers: tuple = (3, 4, 6, 3), patch: tuple = (96, 96, 16), batch: int = 2, steps: int = 3) -> None:
     """Every setting of :data:`SETTINGS` in a fresh process; prints a Markdown table."""
-    print(f"| setting (encoder {list(layers)}, patch {list(patch)}, batch {batch}) | peak RSS (MB) "
-          "| above the built network (MB) | s / step |\n| --- | --- | --- | --- |")
+    print(
+        f"| setting (encoder {list(layers)}, patch {list(patch)}, batch {batch}) | peak RSS (MB) "
+        "| above the built network (MB) | s / step |\n| --- | --- | --- | --- |"
+    )
     for name, options in SETTINGS.items():
-        cmd = [sys.executable, __file__, "step", json.dumps(list(layers)), json.dumps(list(patch)), str(batch),
-               repr(options), f"--steps={steps}"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "step",
+            json.dumps(list(layers)),
+            json.dumps(list(patch)),
+            str(batch),
+            repr(options),
+            f"--steps={steps}",
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         above = r["peak_mb"] - r["built_mb"]

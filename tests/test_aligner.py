@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_bundle.networks import aligner as aligner_module
 from pgl_bundle.networks import PriorGuidedAligner
+from pgl_bundle.networks import aligner as aligner_module
 from pgl_bundle.networks.encoder import feature_center_offset
 from pgl_bundle.views import GEOMETRY_END, GEOMETRY_FLIP, GEOMETRY_SCALE, GEOMETRY_START, RandPGLViewsd
 

@@ -16,7 +16,9 @@ from pgl_bundle.compare import PRESETS, Arm, _arms, _best_validation_dice, compa
 def tiny_comparison(shared_data, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("compare")
     results = compare(
-        labelled=str(shared_data / "sts"), unlabelled=[str(shared_data / "unlabeled")], output_dir=str(output_dir),
+        labelled=str(shared_data / "sts"),
+        unlabelled=[str(shared_data / "unlabeled")],
+        output_dir=str(output_dir),
         preset="tiny",
     )
     return output_dir, results
@@ -50,9 +52,16 @@ def test_outputs_have_one_row_per_arm_budget_seed_and_case(tiny_comparison):
 
 def test_learning_rate_is_selected_on_validation_per_arm_and_budget():
     random, pgl = Arm("random"), Arm("pgl", 20)
-    sweep = [(random, 1e-3, 5, 0, 0.40), (random, 1e-3, 5, 1, 0.20), (random, 3e-4, 5, 0, 0.31),
-             (random, 3e-4, 5, 1, 0.31), (pgl, 1e-3, 5, 0, 0.10), (pgl, 3e-4, 5, 0, 0.35), (pgl, 1e-3, 2, 0, 0.2),
-             (pgl, 3e-4, 2, 0, 0.2)]
+    sweep = [
+        (random, 1e-3, 5, 0, 0.40),
+        (random, 1e-3, 5, 1, 0.20),
+        (random, 3e-4, 5, 0, 0.31),
+        (random, 3e-4, 5, 1, 0.31),
+        (pgl, 1e-3, 5, 0, 0.10),
+        (pgl, 3e-4, 5, 0, 0.35),
+        (pgl, 1e-3, 2, 0, 0.2),
+        (pgl, 3e-4, 2, 0, 0.2),
+    ]
     # random: mean over seeds 0.30 at 1e-3 < 0.31 at 3e-4 (its best single seed is at 1e-3); ties: the smaller rate
     assert select_learning_rates(sweep) == {(random, 5): 3e-4, (pgl, 5): 3e-4, (pgl, 2): 3e-4}
 
@@ -63,16 +72,23 @@ def test_finished_stages_are_not_recomputed(tiny_comparison, shared_data):
     evaluation = next((output_dir / "finetune").glob("random_*")) / "eval" / "val_mean_dice_raw.csv"
     assert evaluation.is_file()
     stamps = [os.stat(p).st_mtime_ns for p in (encoder, evaluation)]
-    compare(labelled=str(shared_data / "sts"), unlabelled=[str(shared_data / "unlabeled")],
-            output_dir=str(output_dir), preset="tiny")
+    compare(
+        labelled=str(shared_data / "sts"),
+        unlabelled=[str(shared_data / "unlabeled")],
+        output_dir=str(output_dir),
+        preset="tiny",
+    )
     assert [os.stat(p).st_mtime_ns for p in (encoder, evaluation)] == stamps
 
 
 def test_byol_config_properties(repo_root):
     configs = [str(repo_root / "configs" / c) for c in ("pretrain.json", "pretrain_byol.json")]
-    workflow = ConfigWorkflow(config_file=configs, workflow_type="train",
-                              meta_file=str(repo_root / "configs" / "metadata.json"),
-                              logging_file=str(repo_root / "configs" / "logging.conf"))
+    workflow = ConfigWorkflow(
+        config_file=configs,
+        workflow_type="train",
+        meta_file=str(repo_root / "configs" / "metadata.json"),
+        logging_file=str(repo_root / "configs" / "logging.conf"),
+    )
     workflow.initialize()
     assert not workflow.check_properties()
     assert workflow.parser.get_parsed_content("network_def").aligner is None

@@ -18,9 +18,18 @@ from monai.bundle import ConfigParser
 from pgl_bundle.data import make_synthetic_dataset
 from pgl_bundle.networks import PGLResNetEncoder
 
-TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "encoder_block": "basic",
-        "patch_size": [32, 32, 16], "hidden_channels": 16, "embedding_channels": 8, "num_workers": 0,
-        "batch_size": 2, "max_epochs": 2, "device": "$torch.device('cpu')"}
+TINY = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "encoder_block": "basic",
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 16,
+    "embedding_channels": 8,
+    "num_workers": 0,
+    "batch_size": 2,
+    "max_epochs": 2,
+    "device": "$torch.device('cpu')",
+}
 
 
 def _parser(repo_root, bundle_root, data: str, compile: bool) -> ConfigParser:
@@ -47,13 +56,17 @@ def test_compiled_step_matches_eager_and_checkpoints_load_into_eager(repo_root, 
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
-    grads = {name: (p.grad, q.grad) for (name, p), q in zip(eager_net.named_parameters(), compiled_net.parameters())
-             if p.grad is not None}
+    grads = {
+        name: (p.grad, q.grad)
+        for (name, p), q in zip(eager_net.named_parameters(), compiled_net.parameters())
+        if p.grad is not None
+    }
     largest = max(float(e.abs().max()) for e, _ in grads.values())
     # each gradient within 1e-3 of its own largest entry; a bias followed by BatchNorm has a zero gradient in exact
     # arithmetic (the normalisation removes it), whose rounding noise is measured against the network's largest
-    errors = {name: float((c - e).abs().max()) / (float(e.abs().max()) + 1e-3 * largest)
-              for name, (e, c) in grads.items()}
+    errors = {
+        name: float((c - e).abs().max()) / (float(e.abs().max()) + 1e-3 * largest) for name, (e, c) in grads.items()
+    }
     worst = sorted(errors.items(), key=lambda item: -item[1])[:3]
     assert worst[0][1] < 1e-3, worst
     for (name, b), c in zip(eager_net.named_buffers(), compiled_net.buffers()):

@@ -15,9 +15,13 @@ from pgl_bundle.data import deterministic_transforms, load_datalist, make_synthe
 @pytest.fixture(scope="module")
 def preprocessing():
     """Load, pretraining's deterministic chain (what the prepare stage stores), then the HU window."""
-    return Compose([LoadImaged("image", image_only=True, ensure_channel_first=True),
-                    *deterministic_transforms((-1024, 325), None, (134, 134, 22)),
-                    ScaleIntensityRanged("image", -1024, 325, 0.0, 1.0, clip=True)])
+    return Compose(
+        [
+            LoadImaged("image", image_only=True, ensure_channel_first=True),
+            *deterministic_transforms((-1024, 325), None, (134, 134, 22)),
+            ScaleIntensityRanged("image", -1024, 325, 0.0, 1.0, clip=True),
+        ]
+    )
 
 
 def test_sources(shared_data):

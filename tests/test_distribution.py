@@ -41,8 +41,10 @@ def release(tmp_path, repo_root):
     (bundle / "models").mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(PGLResNetEncoder(**ENCODER).state_dict(), bundle / "models" / "pretrained_encoder.pt")
-    torch.save(PGLSegmentationNet(PGLResNetEncoder(**ENCODER), out_channels=2, decoder_channels=(8,) * 5).state_dict(),
-               bundle / "models" / "model.pt")
+    torch.save(
+        PGLSegmentationNet(PGLResNetEncoder(**ENCODER), out_channels=2, decoder_channels=(8,) * 5).state_dict(),
+        bundle / "models" / "model.pt",
+    )
     served = bundle / "models"
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -58,9 +60,18 @@ def test_zip_has_one_top_folder_and_no_weights(release):
     served, _ = release
     names = zipfile.ZipFile(served / f"{BUNDLE_NAME}_v0.1.0.zip").namelist()
     assert {n.split("/")[0] for n in names} == {BUNDLE_NAME}
-    for required in ("configs/pretrain.json", "configs/multi_gpu_pretrain.json", "configs/metadata.json", "models/",
-                     "large_files.yml", "LICENSE", "README.md", "pyproject.toml", "pgl_bundle/__init__.py",
-                     "pgl_bundle/networks/encoder.py"):  # `pip install -e <bundle>` needs pyproject, README, package
+    for required in (
+        "configs/pretrain.json",
+        "configs/multi_gpu_pretrain.json",
+        "configs/metadata.json",
+        "models/",
+        "large_files.yml",
+        "LICENSE",
+        "README.md",
+        "pyproject.toml",
+        "pgl_bundle/__init__.py",
+        "pgl_bundle/networks/encoder.py",
+    ):  # `pip install -e <bundle>` needs pyproject, README, package
         assert f"{BUNDLE_NAME}/{required}" in names, required
     assert not [n for n in names if n.endswith(".pt") or "__pycache__" in n]
 
@@ -68,8 +79,18 @@ def test_zip_has_one_top_folder_and_no_weights(release):
 def test_download_bundle_and_weights_with_hashes_checked(release, tmp_path):
     served, url = release
     target = tmp_path / "downloaded"
-    cmd = [sys.executable, "-m", "monai.bundle", "download", "--name", BUNDLE_NAME,
-           "--url", f"{url}/{BUNDLE_NAME}_v0.1.0.zip", "--bundle_dir", str(target)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "download",
+        "--name",
+        BUNDLE_NAME,
+        "--url",
+        f"{url}/{BUNDLE_NAME}_v0.1.0.zip",
+        "--bundle_dir",
+        str(target),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     bundle = target / BUNDLE_NAME
@@ -92,8 +113,18 @@ def test_download_bundle_and_weights_with_hashes_checked(release, tmp_path):
 
 
 # the smallest bundle that still runs every stage: a ResNet of 8-wide basic blocks, 32 x 32 x 16 patches
-TINY = ["--encoder_layers", "[1,1,1,1]", "--encoder_block", "basic", "--encoder_width", "[8,8,8,8]",
-        "--patch_size", "[32,32,16]", "--num_workers", "0"]
+TINY = [
+    "--encoder_layers",
+    "[1,1,1,1]",
+    "--encoder_block",
+    "basic",
+    "--encoder_width",
+    "[8,8,8,8]",
+    "--patch_size",
+    "[32,32,16]",
+    "--num_workers",
+    "0",
+]
 
 
 def test_download_install_and_run_from_the_download_folder(release, tmp_path, shared_data):
@@ -113,33 +144,104 @@ def test_download_install_and_run_from_the_download_folder(release, tmp_path, sh
         assert result.returncode == 0, " ".join(cmd) + "\n" + result.stdout[-3000:] + result.stderr[-5000:]
         return result.stdout + result.stderr
 
-    run(sys.executable, "-m", "monai.bundle", "download", "--name", BUNDLE_NAME,
-        "--url", f"{url}/{BUNDLE_NAME}_v0.1.0.zip", "--bundle_dir", ".")
+    run(
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "download",
+        "--name",
+        BUNDLE_NAME,
+        "--url",
+        f"{url}/{BUNDLE_NAME}_v0.1.0.zip",
+        "--bundle_dir",
+        ".",
+    )
     run(sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", "venv")  # pip and setuptools: ours
     python = str(work / "venv" / "bin" / "python")
-    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index",
-        "--no-build-isolation", "-e", BUNDLE_NAME)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-index",
+        "--no-build-isolation",
+        "-e",
+        BUNDLE_NAME,
+    )
     package = run(python, "-c", "import pgl_bundle; print(pgl_bundle.__file__)").strip().splitlines()[-1]
     assert package == str(work / BUNDLE_NAME / "pgl_bundle" / "__init__.py")
 
     sts = shared_data / "sts"
-    cases = [{"image": str(sts / c / "CT_image.nii.gz"), "label": str(sts / c / "CT_mask.nii.gz")}
-             for c in ("STS_019", "STS_008")]  # the two smallest
+    cases = [
+        {"image": str(sts / c / "CT_image.nii.gz"), "label": str(sts / c / "CT_mask.nii.gz")}
+        for c in ("STS_019", "STS_008")
+    ]  # the two smallest
     (work / "labelled.json").write_text(json.dumps({"training": cases}))
     (work / "new.json").write_text(json.dumps({"training": [{"image": cases[0]["image"]}]}))
     bundle = ["--bundle_root", BUNDLE_NAME, *TINY]
-    run(python, "-m", "monai.bundle", "run", "training", "--config_file", f"{BUNDLE_NAME}/configs/pretrain.json",
-        *bundle, "--dataset_dir", "labelled.json", "--num_volumes", "1", "--batch_size", "1", "--max_epochs", "1",
-        "--hidden_channels", "32", "--embedding_channels", "16")
+    run(
+        python,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        f"{BUNDLE_NAME}/configs/pretrain.json",
+        *bundle,
+        "--dataset_dir",
+        "labelled.json",
+        "--num_volumes",
+        "1",
+        "--batch_size",
+        "1",
+        "--max_epochs",
+        "1",
+        "--hidden_channels",
+        "32",
+        "--embedding_channels",
+        "16",
+    )
     assert (work / BUNDLE_NAME / "models" / "pretrained_encoder.pt").is_file()
     segmentation = ["--label_names", "['background','tumour']", "--decoder_channels", "[8,8,8,8,8]"]
-    log = run(python, "-m", "monai.bundle", "run", "--config_file", f"{BUNDLE_NAME}/configs/train.json", *bundle,
-              *segmentation, "--dataset_dir", "labelled.json", "--num_val_cases", "1", "--max_epochs", "1",
-              "--batch_size", "1", "--num_samples", "1",
-              "--pretrained_encoder", f"{BUNDLE_NAME}/models/pretrained_encoder.pt")
+    log = run(
+        python,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"{BUNDLE_NAME}/configs/train.json",
+        *bundle,
+        *segmentation,
+        "--dataset_dir",
+        "labelled.json",
+        "--num_val_cases",
+        "1",
+        "--max_epochs",
+        "1",
+        "--batch_size",
+        "1",
+        "--num_samples",
+        "1",
+        "--pretrained_encoder",
+        f"{BUNDLE_NAME}/models/pretrained_encoder.pt",
+    )
     assert "encoder tensors matched" in log
-    run(python, "-m", "monai.bundle", "run", "--config_file", f"{BUNDLE_NAME}/configs/inference.json", *bundle,
-        *segmentation, "--dataset_dir", "new.json")
+    run(
+        python,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"{BUNDLE_NAME}/configs/inference.json",
+        *bundle,
+        *segmentation,
+        "--dataset_dir",
+        "new.json",
+    )
     assert (work / BUNDLE_NAME / "eval" / "CT_image_seg.nii.gz").is_file()
 
 
@@ -152,8 +254,20 @@ def test_inference_without_weights_says_how_to_get_them(repo_root, tmp_path, sha
     """A fresh download has no models/model.pt: inference stops with one line naming the file and both ways to get
     it (train, or download_large_files), not a traceback."""
     image = shared_data / "sts" / "STS_019" / "CT_image.nii.gz"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--bundle_root", str(tmp_path), "--dataset_dir", str(image), "--num_workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(image),
+        "--num_workers",
+        "0",
+    ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -20,8 +20,15 @@ from monai.transforms import Compose, LoadImaged, SaveImaged, Spacingd
 
 LABELS = ["background", "tumour"]
 # a small network for CPU: one basic block per stage, narrow; the pretraining strides (16, 16, 8) are unchanged
-SMALL = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 32, 64, 128],
-         "decoder_channels": [64, 32, 16, 16, 8], "label_names": LABELS, "patch_size": [64, 64, 16], "num_workers": 0}
+SMALL = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_block": "basic",
+    "encoder_width": [16, 32, 64, 128],
+    "decoder_channels": [64, 32, 16, 16, 8],
+    "label_names": LABELS,
+    "patch_size": [64, 64, 16],
+    "num_workers": 0,
+}
 TRAIN_CASES, VAL_CASES, TEST_CASES = ["STS_019", "STS_025"], ["STS_008"], ["STS_002", "STS_012"]
 
 
@@ -57,18 +64,39 @@ def round_trip(repo_root, shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream")
     data = write_datalist(root / "dataset.json", shared_data, TRAIN_CASES + VAL_CASES + TEST_CASES)
     test_data = write_datalist(root / "test.json", shared_data, TEST_CASES)
-    common = ["--meta_file", config(repo_root, "metadata.json"), "--logging_file", config(repo_root, "logging.conf"),
-              "--bundle_root", str(root), *cli(SMALL)]
+    common = [
+        "--meta_file",
+        config(repo_root, "metadata.json"),
+        "--logging_file",
+        config(repo_root, "logging.conf"),
+        "--bundle_root",
+        str(root),
+        *cli(SMALL),
+    ]
     split = cli({"dataset_dir": data, "num_val_cases": len(VAL_CASES), "num_test_cases": len(TEST_CASES)})
     logs = {
-        "train": bundle(repo_root, "run", "--config_file", config(repo_root, "train.json"), *common, *split,
-                        *cli({"num_iterations": 2, "val_interval": 1, "batch_size": 1, "num_samples": 2,
-                              "freeze_encoder_epochs": 1})),
-        "evaluate": bundle(repo_root, "run", "--config_file",
-                           json.dumps([config(repo_root, "train.json"), config(repo_root, "evaluate.json")]),
-                           *common, *split),
-        "infer": bundle(repo_root, "run", "--config_file", config(repo_root, "inference.json"), *common,
-                        "--dataset_dir", test_data),
+        "train": bundle(
+            repo_root,
+            "run",
+            "--config_file",
+            config(repo_root, "train.json"),
+            *common,
+            *split,
+            *cli(
+                {"num_iterations": 2, "val_interval": 1, "batch_size": 1, "num_samples": 2, "freeze_encoder_epochs": 1}
+            ),
+        ),
+        "evaluate": bundle(
+            repo_root,
+            "run",
+            "--config_file",
+            json.dumps([config(repo_root, "train.json"), config(repo_root, "evaluate.json")]),
+            *common,
+            *split,
+        ),
+        "infer": bundle(
+            repo_root, "run", "--config_file", config(repo_root, "inference.json"), *common, "--dataset_dir", test_data
+        ),
     }
     return root, logs
 
@@ -127,9 +155,20 @@ def test_torchscript_export_runs_like_the_checkpoint(round_trip, repo_root, shar
     """`ckpt_export` scripts the network (the model zoo's default, no tracing); it segments a CT patch as eagerly."""
     root, _ = round_trip
     ts = root / "models" / "model.ts"
-    bundle(repo_root, "ckpt_export", "network_def", "--filepath", str(ts),
-           "--ckpt_file", str(root / "models" / "model.pt"), "--meta_file", config(repo_root, "metadata.json"),
-           "--config_file", config(repo_root, "inference.json"), *cli(SMALL))
+    bundle(
+        repo_root,
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(root / "models" / "model.pt"),
+        "--meta_file",
+        config(repo_root, "metadata.json"),
+        "--config_file",
+        config(repo_root, "inference.json"),
+        *cli(SMALL),
+    )
     exported = torch.jit.load(str(ts))
     assert "if channels_last:" in exported.encoder.code  # scripted, not traced: the branch is compiled, not unrolled
     parser = ConfigParser()
@@ -149,25 +188,46 @@ def test_torchscript_export_runs_like_the_checkpoint(round_trip, repo_root, shar
 
 def test_network_matches_its_metadata(repo_root):
     """The shipped network (ResNet-50 encoder, 6 classes) against metadata.json's network_data_format."""
-    log = bundle(repo_root, "verify_net_in_out", "network_def", "--meta_file", config(repo_root, "metadata.json"),
-                 "--config_file", config(repo_root, "inference.json"), "--device", "cpu", "--n", "2")
+    log = bundle(
+        repo_root,
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        config(repo_root, "metadata.json"),
+        "--config_file",
+        config(repo_root, "inference.json"),
+        "--device",
+        "cpu",
+        "--n",
+        "2",
+    )
     assert "data shape of network is verified with no error" in log
 
 
 def test_train_properties(repo_root, tmp_path):
     """The shipped train.json, on its default (synthetic) data, as MONAI's train workflow."""
-    workflow = ConfigWorkflow(config_file=config(repo_root, "train.json"), workflow_type="train",
-                              meta_file=config(repo_root, "metadata.json"), logging_file=False,
-                              bundle_root=str(tmp_path), cache_rate=0)
+    workflow = ConfigWorkflow(
+        config_file=config(repo_root, "train.json"),
+        workflow_type="train",
+        meta_file=config(repo_root, "metadata.json"),
+        logging_file=False,
+        bundle_root=str(tmp_path),
+        cache_rate=0,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
 
 
 def test_infer_properties(round_trip, repo_root):
     root, _ = round_trip
-    workflow = ConfigWorkflow(config_file=config(repo_root, "inference.json"), workflow_type="infer",
-                              meta_file=config(repo_root, "metadata.json"), logging_file=False,
-                              bundle_root=str(root), **SMALL)
+    workflow = ConfigWorkflow(
+        config_file=config(repo_root, "inference.json"),
+        workflow_type="infer",
+        meta_file=config(repo_root, "metadata.json"),
+        logging_file=False,
+        bundle_root=str(root),
+        **SMALL,
+    )
     workflow.initialize()  # loads models/model.pt
     assert workflow.check_properties() == []
 
@@ -196,8 +256,14 @@ def test_monai_label_infer_task_flow(round_trip, repo_root, shared_data):
     data_format = metadata["network_data_format"]
     (key_image, _), (key_pred, pred) = (next(iter(data_format[k].items())) for k in ("inputs", "outputs"))
     assert (key_image, key_pred) == ("image", "pred")
-    assert pred["channel_def"] == {"0": "background", "1": "liver", "2": "spleen", "3": "right kidney",
-                                   "4": "left kidney", "5": "aorta"}
+    assert pred["channel_def"] == {
+        "0": "background",
+        "1": "liver",
+        "2": "spleen",
+        "3": "right kidney",
+        "4": "left kidney",
+        "5": "aorta",
+    }
 
     parser = ConfigParser()
     parser.read_config(config(repo_root, "inference.json"))
@@ -206,8 +272,11 @@ def test_monai_label_infer_task_flow(round_trip, repo_root, shared_data):
     checkpoint = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     network.load_state_dict(checkpoint.get("model", checkpoint), strict=True)
     pre = list(parser.get_parsed_content("preprocessing", instantiate=True).transforms)
-    post = [t for t in parser.get_parsed_content("postprocessing", instantiate=True).transforms
-            if not isinstance(t, SaveImaged)]
+    post = [
+        t
+        for t in parser.get_parsed_content("postprocessing", instantiate=True).transforms
+        if not isinstance(t, SaveImaged)
+    ]
     inferer = parser.get_parsed_content("inferer", instantiate=True)
 
     path = str(shared_data / "sts" / "STS_002" / "CT_image.nii.gz")
@@ -223,8 +292,12 @@ def test_monai_label_train_task_flow(round_trip, repo_root, shared_data, tmp_pat
     root, _ = round_trip
     parser = ConfigParser()
     parser.read_config(config(repo_root, "train.json"))
-    loader = {"_target_": "CheckpointLoader", "load_path": str(root / "models" / "model.pt"),
-              "load_dict": {"model": "$@network"}, "strict": False}
+    loader = {
+        "_target_": "CheckpointLoader",
+        "load_path": str(root / "models" / "model.pt"),
+        "load_dict": {"model": "$@network"},
+        "strict": False,
+    }
     overrides = {
         "bundle_root": str(tmp_path),
         "train#trainer#max_epochs": 1,  # MONAI Label's "epochs": here, runs of val_interval iterations
@@ -235,8 +308,16 @@ def test_monai_label_train_task_flow(round_trip, repo_root, shared_data, tmp_pat
         "train#handlers": [loader, *parser.get("train#handlers")],
     }
     with caplog.at_level(logging.INFO):
-        bundle_run(run_id="run", init_id=None, final_id=None, meta_file=config(repo_root, "metadata.json"),
-                   config_file=config(repo_root, "train.json"), logging_file=False, **SMALL, **overrides)
+        bundle_run(
+            run_id="run",
+            init_id=None,
+            final_id=None,
+            meta_file=config(repo_root, "metadata.json"),
+            config_file=config(repo_root, "train.json"),
+            logging_file=False,
+            **SMALL,
+            **overrides,
+        )
     assert f"Restored all variables from {root / 'models' / 'model.pt'}" in caplog.text
     assert (tmp_path / "models" / "model.pt").is_file()
     assert not (tmp_path / "data").exists()  # the datalists came from MONAI Label: no default data was made
@@ -251,9 +332,16 @@ def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
     """
     case = items(shared_data, ["STS_001"])  # a large tumour: 94 x 98 x 31 voxels
     workflow = ConfigWorkflow(
-        config_file=config(repo_root, "train.json"), workflow_type="train", logging_file=False,
-        bundle_root=str(tmp_path), **{**SMALL, "pixdim": [4.0, 4.0, 3.27], "patch_size": [48, 48, 16]},
-        batch_size=1, num_samples=4, num_iterations=300, val_interval=50, seed=0,
+        config_file=config(repo_root, "train.json"),
+        workflow_type="train",
+        logging_file=False,
+        bundle_root=str(tmp_path),
+        **{**SMALL, "pixdim": [4.0, 4.0, 3.27], "patch_size": [48, 48, 16]},
+        batch_size=1,
+        num_samples=4,
+        num_iterations=300,
+        val_interval=50,
+        seed=0,
         **{"train#dataset#data": case, "validate#dataset#data": case},
     )
     workflow.initialize()
@@ -276,8 +364,9 @@ def test_window_is_one_setting_for_every_stage(repo_root):
 def test_encoder_gets_its_own_learning_rate_and_every_group_a_warm_up(repo_root):
     parser = ConfigParser()
     parser.read_config(config(repo_root, "train.json"))
-    parser.update({**SMALL, "learning_rate": 1e-3, "encoder_lr_scale": 0.1, "warmup_iterations": 10,
-                   "num_iterations": 100})
+    parser.update(
+        {**SMALL, "learning_rate": 1e-3, "encoder_lr_scale": 0.1, "warmup_iterations": 10, "num_iterations": 100}
+    )
     net, optimizer = parser.get_parsed_content("network_def"), parser.get_parsed_content("optimizer")
     encoder, rest = optimizer.param_groups
     assert {id(p) for p in encoder["params"]} == {id(p) for p in net.encoder.parameters()}

@@ -7,8 +7,14 @@ import copy
 import torch
 
 from pgl_bundle.losses import ConsistencyLoss, consistency
-from pgl_bundle.networks import Branch, ConvProjectionHead, DualPathNetwork, MLPProjectionHead, PGLResNetEncoder
-from pgl_bundle.networks import PriorGuidedAligner
+from pgl_bundle.networks import (
+    Branch,
+    ConvProjectionHead,
+    DualPathNetwork,
+    MLPProjectionHead,
+    PGLResNetEncoder,
+    PriorGuidedAligner,
+)
 
 
 def small_network(pgl: bool = True) -> DualPathNetwork:

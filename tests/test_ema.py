@@ -9,11 +9,10 @@ import pytest
 import torch
 from ignite.handlers import EMAHandler
 from monai.engines import SupervisedTrainer
+from test_dual_path import geometry, small_network
 
 from pgl_bundle import ConsistencyLoss, ForeachEMAHandler, PrepareViews, TargetMomentumSchedule, byol_momentum
 from pgl_bundle.networks import DualPathNetwork
-
-from test_dual_path import geometry, small_network
 
 
 def test_byol_schedule_values():
@@ -35,14 +34,20 @@ def test_ema_update_equals_closed_form(handler):
             p.add_(torch.randn_like(p))
     batch = [
         {
-            "view1": torch.rand(2, 1, 64, 64, 16), "view2": torch.rand(2, 1, 64, 64, 16),
-            "view1_geometry": geometry(2), "view2_geometry": geometry(2),
+            "view1": torch.rand(2, 1, 64, 64, 16),
+            "view2": torch.rand(2, 1, 64, 64, 16),
+            "view1_geometry": geometry(2),
+            "view2_geometry": geometry(2),
         }
     ]
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=batch, network=net,
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=batch,
+        network=net,
         optimizer=torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5),
-        loss_function=ConsistencyLoss(), prepare_batch=PrepareViews(),
+        loss_function=ConsistencyLoss(),
+        prepare_batch=PrepareViews(),
         train_handlers=[TargetMomentumSchedule(ema, 0.9, 0.9)],
     )
     target_before = [p.detach().clone() for p in net.target.parameters()]
@@ -75,7 +80,7 @@ def test_foreach_ema_treats_buffers_as_ignite_does(handle_buffers):
         online[0].weight.add_(1.0)
 
     class Engine:
-        class state:
+        class state:  # noqa: N801 -- stands in for ignite's engine.state
             ema_momentum = 0.25
 
     for handler in handlers:

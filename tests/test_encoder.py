@@ -22,8 +22,15 @@ def test_resnet50_shapes_and_stride():
 def test_weights_load_into_monai_resnet():
     encoder = PGLResNetEncoder(layers=(1, 1, 1, 1))
     monai_resnet = ResNet(
-        "bottleneck", [1, 1, 1, 1], [64, 128, 256, 512], spatial_dims=3, n_input_channels=1,
-        conv1_t_size=(7, 7, 3), conv1_t_stride=(2, 2, 1), no_max_pool=True, feed_forward=False,
+        "bottleneck",
+        [1, 1, 1, 1],
+        [64, 128, 256, 512],
+        spatial_dims=3,
+        n_input_channels=1,
+        conv1_t_size=(7, 7, 3),
+        conv1_t_stride=(2, 2, 1),
+        no_max_pool=True,
+        feed_forward=False,
     )
     monai_resnet.load_state_dict(encoder.state_dict(), strict=True)
 

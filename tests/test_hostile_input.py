@@ -22,8 +22,16 @@ from pgl_bundle.data import check_checkpoint, check_datalist, load_datalist, mak
 from pgl_bundle.networks import PGLResNetEncoder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
-        "hidden_channels": 32, "embedding_channels": 16, "num_workers": 0, "batch_size": 1, "max_epochs": 1}
+TINY = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 32,
+    "embedding_channels": 16,
+    "num_workers": 0,
+    "batch_size": 1,
+    "max_epochs": 1,
+}
 
 
 def nifti(path, array, spacing=(1.0, 1.0, 1.0)) -> str:
@@ -155,8 +163,11 @@ def test_checkpoint_from_another_architecture(tmp_path):
     torch.save({"network": encoder.state_dict(), "trainer": {"iteration": 1}}, path)
     assert check_checkpoint(path, {"network": encoder, "trainer": object()}) == path
     wider = PGLResNetEncoder(layers=(1, 1, 1, 1), block_inplanes=(16, 8, 8, 8))
-    with pytest.raises(ValueError, match=rf"{path}: 'network' was saved from a different architecture.*conv1.weight: "
-                                         r"\(8, 1, 7, 7, 3\) in the file, \(16, 1, 7, 7, 3\) in the network"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}: 'network' was saved from a different architecture.*conv1.weight: "
+        r"\(8, 1, 7, 7, 3\) in the file, \(16, 1, 7, 7, 3\) in the network",
+    ):
         check_checkpoint(path, {"network": wider})
     deeper = PGLResNetEncoder(layers=(2, 1, 1, 1), block_inplanes=(8, 8, 8, 8))
     with pytest.raises(ValueError, match=r"different architecture.*missing \(\d+\): layer1.1"):
@@ -174,9 +185,22 @@ def pretrain(repo_root, bundle_root, data, **overrides) -> subprocess.CompletedP
     # fire reads True / False as booleans, but JSON's true / false as strings (both truthy)
     values = {k: repr(v) if isinstance(v, bool) else json.dumps(v) for k, v in {**TINY, **overrides}.items()}
     args = [arg for k, v in values.items() for arg in (f"--{k}", v)]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/pretrain.json",
-           "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle_root), "--dataset_dir", str(data),
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/pretrain.json",
+        "--logging_file",
+        "configs/logging.conf",
+        "--bundle_root",
+        str(bundle_root),
+        "--dataset_dir",
+        str(data),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, env=ENV)
 
 
@@ -219,8 +243,15 @@ def test_pretraining_skips_the_broken_file_on_request(repo_root, tmp_path, folde
     assert log.count("train_loss:") == 4
     # resuming with another architecture is refused, naming the checkpoint
     checkpoint = tmp_path / "models" / "checkpoints" / "checkpoint_final.pt"
-    result = pretrain(repo_root, tmp_path, folder, skip_bad_volumes=True, max_epochs=2, encoder_width=[16, 8, 8, 8],
-                      resume_from=str(checkpoint))
+    result = pretrain(
+        repo_root,
+        tmp_path,
+        folder,
+        skip_bad_volumes=True,
+        max_epochs=2,
+        encoder_width=[16, 8, 8, 8],
+        resume_from=str(checkpoint),
+    )
     assert result.returncode != 0
     assert f"BadInputError: {checkpoint}: 'network' was saved from a different architecture" in result.stderr
     assert "train_loss" not in result.stdout + result.stderr
@@ -237,16 +268,30 @@ def test_fine_tuning_and_inference_configs_check_their_data(repo_root, tmp_path,
     bad_label = str(tmp_path / "mask.nii.gz")
     nib.save(nib.Nifti1Image(values, mask.affine, mask.header), bad_label)
     truncated = truncated_copy(sts / "STS_002" / "CT_image.nii.gz", tmp_path / "image.nii.gz")
-    (tmp_path / "dataset.json").write_text(json.dumps({"training": [
-        {"image": str(sts / "STS_001" / "CT_image.nii.gz"), "label": bad_label},
-        {"image": truncated, "label": str(sts / "STS_002" / "CT_mask.nii.gz")},
-    ]}))
-    for config, expected in (("train.json", [f"{bad_label}: has values outside", f"{truncated}: cannot be read"]),
-                             ("inference.json", [f"{truncated}: cannot be read"])):
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "training": [
+                    {"image": str(sts / "STS_001" / "CT_image.nii.gz"), "label": bad_label},
+                    {"image": truncated, "label": str(sts / "STS_002" / "CT_mask.nii.gz")},
+                ]
+            }
+        )
+    )
+    for config, expected in (
+        ("train.json", [f"{bad_label}: has values outside", f"{truncated}: cannot be read"]),
+        ("inference.json", [f"{truncated}: cannot be read"]),
+    ):
         parser = ConfigParser()
         parser.read_config(str(repo_root / "configs" / config))
-        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "dataset.json"),
-                       "label_names": ["background", "tumour"], "num_workers": 0})
+        parser.update(
+            {
+                "bundle_root": str(tmp_path),
+                "dataset_dir": str(tmp_path / "dataset.json"),
+                "label_names": ["background", "tumour"],
+                "num_workers": 0,
+            }
+        )
         with pytest.raises(RuntimeError) as error:  # the config parser's error, raised from the check's ValueError
             parser.get_parsed_content("datalist")
         cause = error.value.__cause__ or error.value.__context__
@@ -267,8 +312,9 @@ def test_volumes_that_do_not_look_like_hounsfield_units(tmp_path, sts, caplog):
     with caplog.at_level(logging.WARNING):
         assert check_datalist(items) == items
     assert "1 of 2 volumes may not be CT in Hounsfield units" in caplog.text
-    assert (f"{mr_like}: intensities {low}..{high} do not look like CT in Hounsfield units: all values are "
-            "non-negative") in caplog.text
+    assert (
+        f"{mr_like}: intensities {low}..{high} do not look like CT in Hounsfield units: all values are non-negative"
+    ) in caplog.text
     assert "STS_001" not in caplog.text
     assert f"{mr_like}: intensities {low}..{high} do not look like CT" in problems(items, require_hu=True)
 
@@ -296,8 +342,10 @@ def test_a_dicom_folder_with_two_series_is_refused_listing_them(tmp_path, shared
     single = str(shared_data / "abdomen" / "example_ct_dicom_series")
     message = problems([{"image": single}, {"image": str(folder)}])
     assert message.startswith("1 of 2 datalist items cannot be used")
-    assert (f"{folder}: holds 2 DICOM series, where one volume is expected: 1.23 (CT Body 3.0, 12 files); 1.24 "
-            "(CT Lung 3.0, 8 files). Put each series in a folder of its own.") in message
+    assert (
+        f"{folder}: holds 2 DICOM series, where one volume is expected: 1.23 (CT Body 3.0, 12 files); 1.24 "
+        "(CT Lung 3.0, 8 files). Put each series in a folder of its own."
+    ) in message
 
 
 def test_one_volume_as_dataset_and_not_found_messages(tmp_path, sts):
@@ -305,21 +353,33 @@ def test_one_volume_as_dataset_and_not_found_messages(tmp_path, sts):
     assert load_datalist(volume) == [{"image": volume}]
     with pytest.raises(ValueError, match=r"one volume, but \['label'\] are needed too"):
         load_datalist(volume, keys=["image", "label"])
-    with pytest.raises(FileNotFoundError, match=rf"{sts}/STS_001/CT_imag.nii.gz: not found \(looked for a "
-                                                rf"dataset.json, a volume .*\); {sts}/STS_001 holds CT_image.nii.gz, "
-                                                "CT_mask.nii.gz"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{sts}/STS_001/CT_imag.nii.gz: not found \(looked for a "
+        rf"dataset.json, a volume .*\); {sts}/STS_001 holds CT_image.nii.gz, "
+        "CT_mask.nii.gz",
+    ):
         load_datalist(str(sts / "STS_001" / "CT_imag.nii.gz"))
-    with pytest.raises(FileNotFoundError, match=rf"STS_0\*/CT.nii.gz: the glob pattern matches no file; {sts} "
-                                                r"holds LICENSE.md, SOURCE_README.md, STS_001, STS_002, STS_003 and \d+"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"STS_0\*/CT.nii.gz: the glob pattern matches no file; {sts} "
+        r"holds LICENSE.md, SOURCE_README.md, STS_001, STS_002, STS_003 and \d+",
+    ):
         load_datalist(str(sts / "STS_0*" / "CT.nii.gz"))
     (tmp_path / "notes.txt").write_text("not a volume")
-    with pytest.raises(ValueError, match=rf"{tmp_path}: no volumes found \(looked for .nii.gz.*\); {tmp_path} holds "
-                                         "notes.txt"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{tmp_path}: no volumes found \(looked for .nii.gz.*\); {tmp_path} holds "
+        "notes.txt",
+    ):
         load_datalist(str(tmp_path))
     with pytest.raises(ValueError, match="notes.txt: not a dataset.json nor a volume"):
         load_datalist(str(tmp_path / "notes.txt"))
-    with pytest.raises(FileNotFoundError, match=rf"nope.pt: checkpoint to resume from not found; {tmp_path} holds "
-                                                "notes.txt"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"nope.pt: checkpoint to resume from not found; {tmp_path} holds "
+        "notes.txt",
+    ):
         check_checkpoint(str(tmp_path / "nope.pt"), {})
 
 
@@ -328,5 +388,6 @@ def test_generating_synthetic_data_is_said(tmp_path, caplog):
         make_synthetic_dataset(str(tmp_path), 1, shape=(32, 32, 16))
         make_synthetic_dataset(str(tmp_path), 1, shape=(32, 32, 16))
     assert f"no dataset_dir given: generating 1 synthetic CT phantoms of (32, 32, 16) voxels in {tmp_path}" in (
-        caplog.text)
+        caplog.text
+    )
     assert f"using the synthetic CT phantoms in {tmp_path} (made earlier)" in caplog.text

@@ -12,10 +12,22 @@ import torch
 
 from pgl_bundle.data import make_synthetic_dataset
 
-TINY_PRETRAIN = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
-                 "hidden_channels": 32, "embedding_channels": 16}
-TINY_TRAIN = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [8, 8, 8, 8],
-              "decoder_channels": [8, 8, 8, 8, 8], "patch_size": [32, 32, 16], "num_samples": 1, "num_val_cases": 2}
+TINY_PRETRAIN = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 32,
+    "embedding_channels": 16,
+}
+TINY_TRAIN = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_block": "basic",
+    "encoder_width": [8, 8, 8, 8],
+    "decoder_channels": [8, 8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "num_samples": 1,
+    "num_val_cases": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +38,37 @@ def synthetic(tmp_path_factory):
 def torchrun(repo_root, tmp_path, configs: list[str], overrides: dict) -> tuple[str, dict, dict]:
     """Run ``configs`` plus a dump of every rank's ``network_def`` weights with 2 processes; return the log and both."""
     dump = tmp_path / "dump.json"
-    dump.write_text(json.dumps({"run_and_dump": [
-        "@run", f"$torch.save(@network_def.state_dict(), '{tmp_path}/rank' + str(torch.distributed.get_rank()) + '.pt')"
-    ]}))
+    dump.write_text(
+        json.dumps(
+            {
+                "run_and_dump": [
+                    "@run",
+                    f"$torch.save(@network_def.state_dict(), "
+                    f"'{tmp_path}/rank' + str(torch.distributed.get_rank()) + '.pt')",
+                ]
+            }
+        )
+    )
     overrides = {**overrides, "num_workers": 0, "batch_size": 1}
     args = [arg for k, v in overrides.items() for arg in (f"--{k}", json.dumps(v))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "run_and_dump", "--config_file", json.dumps([*configs, str(dump)]),
-           "--logging_file", "configs/logging.conf", "--bundle_root", str(tmp_path / "bundle"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "run_and_dump",
+        "--config_file",
+        json.dumps([*configs, str(dump)]),
+        "--logging_file",
+        "configs/logging.conf",
+        "--bundle_root",
+        str(tmp_path / "bundle"),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -49,7 +84,9 @@ def assert_same_parameters(rank0: dict, rank1: dict, parameter_names: set[str]) 
 
 def test_pretraining_ranks_share_online_and_target_weights(repo_root, tmp_path, synthetic):
     log, rank0, rank1 = torchrun(
-        repo_root, tmp_path, ["configs/pretrain.json", "configs/multi_gpu_pretrain.json"],
+        repo_root,
+        tmp_path,
+        ["configs/pretrain.json", "configs/multi_gpu_pretrain.json"],
         {**TINY_PRETRAIN, "dataset_dir": synthetic, "max_epochs": 2},
     )
     parameters = {k for k in rank0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -57,7 +94,7 @@ def test_pretraining_ranks_share_online_and_target_weights(repo_root, tmp_path, 
     assert_same_parameters(rank0, rank1, parameters)
     # the EMA ran: target and online differ, identically on both ranks
     online = [k for k in parameters if k.startswith("online.")]
-    assert any(not torch.equal(rank0[k], rank0["target." + k[len("online."):]]) for k in online)
+    assert any(not torch.equal(rank0[k], rank0["target." + k[len("online.") :]]) for k in online)
     # without SyncBatchNorm (CUDA-only) only the BN statistics of the last step are rank-local
     assert all(k.endswith(("running_mean", "running_var")) for k in rank0 if not torch.equal(rank0[k], rank1[k]))
     checkpoints = tmp_path / "bundle" / "models" / "checkpoints"
@@ -69,7 +106,9 @@ def test_pretraining_ranks_share_online_and_target_weights(repo_root, tmp_path, 
 
 def test_finetuning_ranks_share_weights(repo_root, tmp_path, synthetic):
     _, rank0, rank1 = torchrun(
-        repo_root, tmp_path, ["configs/train.json", "configs/multi_gpu_train.json"],
+        repo_root,
+        tmp_path,
+        ["configs/train.json", "configs/multi_gpu_train.json"],
         {**TINY_TRAIN, "dataset_dir": synthetic, "num_iterations": 2, "val_interval": 1},
     )
     assert_same_parameters(rank0, rank1, set(rank0))  # the evaluator's forward re-broadcasts rank 0's BN buffers
@@ -80,8 +119,10 @@ def test_finetuning_ranks_share_weights(repo_root, tmp_path, synthetic):
 def test_only_the_main_process_writes(repo_root):
     """Every handler that logs or writes files is disabled outside rank 0 (``main_process``), in both trainings."""
     writers = ("StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver", "ProgressBar")
-    for name, sections in (("pretrain.json", ["train#handlers", "train#checkpoint_handlers"]),
-                           ("train.json", ["train#handlers", "validate#handlers"])):
+    for name, sections in (
+        ("pretrain.json", ["train#handlers", "train#checkpoint_handlers"]),
+        ("train.json", ["train#handlers", "validate#handlers"]),
+    ):
         config = json.loads((repo_root / "configs" / name).read_text())
         for section in sections:
             outer, inner = section.split("#")

@@ -50,8 +50,9 @@ def reference_lars_step(params, buffers, lr, momentum, weight_decay, eta):
 
 def test_multi_tensor_steps_match_the_per_tensor_formula():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 27, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 27, 2)
+    )
     reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
     with torch.no_grad():
         model[3].weight.zero_()  # a zero weight: trust ratio 1

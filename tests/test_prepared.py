@@ -23,15 +23,22 @@ from pgl_bundle.data import LoadPreparedd, deterministic_transforms, load_prepar
 WINDOW = (-1024, 325)
 PAD = (134, 134, 22)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])),
+}
 
 
 def float32_pipeline(pixdim=None) -> Compose:
     """The in-memory float32 preprocessing: load, the shared deterministic chain, the HU window on the whole volume."""
-    return Compose([LoadImaged("image", image_only=True, ensure_channel_first=True),
-                    *deterministic_transforms(WINDOW, pixdim, PAD),
-                    ScaleIntensityRanged("image", *WINDOW, 0.0, 1.0, clip=True)])
+    return Compose(
+        [
+            LoadImaged("image", image_only=True, ensure_channel_first=True),
+            *deterministic_transforms(WINDOW, pixdim, PAD),
+            ScaleIntensityRanged("image", *WINDOW, 0.0, 1.0, clip=True),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +61,11 @@ def prepared(sources, tmp_path_factory):
 def test_prepared_arrays_equal_the_float32_preprocessing(sources, tmp_path, pixdim):
     items = prepare(str(sources), str(tmp_path), WINDOW, pixdim=pixdim, min_size=PAD)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert [os.path.basename(v["source"]) for v in manifest["volumes"]] == ["STS_001.nii.gz", "STS_003.nii.gz",
-                                                                            "dicom_series"]
+    assert [os.path.basename(v["source"]) for v in manifest["volumes"]] == [
+        "STS_001.nii.gz",
+        "STS_003.nii.gz",
+        "dicom_series",
+    ]
     for item, volume in zip(items, manifest["volumes"]):
         array = np.load(item["image"], mmap_mode="r")
         assert array.dtype == np.int16 and list(array.shape) == volume["shape"]
@@ -104,8 +114,18 @@ def test_persistent_workers_see_each_epoch():
 
 
 def prepare_cmd(sources, folder) -> list[str]:
-    return [sys.executable, "-m", "pgl_bundle", "prepare", str(sources), str(folder), "--num_workers", "1",
-            "--min_image_size", "None"]
+    return [
+        sys.executable,
+        "-m",
+        "pgl_bundle",
+        "prepare",
+        str(sources),
+        str(folder),
+        "--num_workers",
+        "1",
+        "--min_image_size",
+        "None",
+    ]
 
 
 def test_a_killed_prepare_resumes_to_the_same_files(shared_data, tmp_path):
@@ -114,8 +134,9 @@ def test_a_killed_prepare_resumes_to_the_same_files(shared_data, tmp_path):
     for case in range(1, 6):
         os.symlink(shared_data / "sts" / f"STS_{case:03d}" / "CT_image.nii.gz", sources / f"STS_{case:03d}.nii.gz")
     killed, full = tmp_path / "killed", tmp_path / "full"
-    victim = subprocess.Popen(prepare_cmd(sources, killed), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        prepare_cmd(sources, killed), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while victim.poll() is None and not (killed / "manifest.json").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -191,17 +212,56 @@ def test_training_prepares_into_a_cache_once(sources, tmp_path, caplog):
 def test_pretraining_on_a_prepared_folder_through_the_bundle(sources, tmp_path):
     folder = tmp_path / "prepared"
     bundle = [sys.executable, "-m", "monai.bundle", "run", "--logging_file", "configs/logging.conf"]
-    prepared = subprocess.run(bundle + ["prepare", "--config_file", "configs/prepare.json", "--dataset_dir",
-                                        str(sources), "--prepared_dir", str(folder), "--num_workers", "2"],
-                              cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    prepared = subprocess.run(
+        bundle
+        + [
+            "prepare",
+            "--config_file",
+            "configs/prepare.json",
+            "--dataset_dir",
+            str(sources),
+            "--prepared_dir",
+            str(folder),
+            "--num_workers",
+            "2",
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert len(json.loads((folder / "manifest.json").read_text())["volumes"]) == 3
-    tiny = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "hidden_channels": 32,
-            "embedding_channels": 16, "batch_size": 1, "max_epochs": 1, "num_workers": 1, "num_volumes": 2}
+    tiny = {
+        "encoder_layers": [1, 1, 1, 1],
+        "encoder_width": [8, 8, 8, 8],
+        "hidden_channels": 32,
+        "embedding_channels": 16,
+        "batch_size": 1,
+        "max_epochs": 1,
+        "num_workers": 1,
+        "num_volumes": 2,
+    }
     args = [a for k, v in tiny.items() for a in (f"--{k}", json.dumps(v))]
-    run = subprocess.run(bundle + ["training", "--config_file", "configs/pretrain.json", "--bundle_root",
-                                   str(tmp_path / "bundle"), "--prepared_dir", str(folder), *args],
-                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        bundle
+        + [
+            "training",
+            "--config_file",
+            "configs/pretrain.json",
+            "--bundle_root",
+            str(tmp_path / "bundle"),
+            "--prepared_dir",
+            str(folder),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-5000:]
     assert log.count("train_loss:") == 2 and "preparing" not in log

@@ -17,8 +17,22 @@ SMALL = ["--encoder_layers", "[1,1,1,1]", "--patch_size", "[64,64,16]", "--hidde
 
 
 def run_bundle(repo_root, bundle_root, *args: str) -> str:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", *args, "--config_file", "configs/pretrain.json",
-           "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle_root), "--num_workers", "0", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        *args,
+        "--config_file",
+        "configs/pretrain.json",
+        "--logging_file",
+        "configs/logging.conf",
+        "--bundle_root",
+        str(bundle_root),
+        "--num_workers",
+        "0",
+        *SMALL,
+    ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
@@ -27,8 +41,17 @@ def run_bundle(repo_root, bundle_root, *args: str) -> str:
 @pytest.fixture(scope="module")
 def pretrained(repo_root, shared_data, tmp_path_factory):
     bundle_root = tmp_path_factory.mktemp("pretrain")
-    log = run_bundle(repo_root, bundle_root, "training", "--dataset_dir", str(shared_data / "unlabeled"),
-                     "--batch_size", "1", "--max_epochs", "2")
+    log = run_bundle(
+        repo_root,
+        bundle_root,
+        "training",
+        "--dataset_dir",
+        str(shared_data / "unlabeled"),
+        "--batch_size",
+        "1",
+        "--max_epochs",
+        "2",
+    )
     return bundle_root, log
 
 
@@ -57,15 +80,27 @@ def test_checkpoints_and_encoder_load_back(pretrained):
     assert checkpoint["trainer"]["iteration"] == 6
     # the target is a different network from the online one after training
     assert any(
-        not torch.equal(checkpoint["network"][f"target.encoder.{n}"], t) for n, t in state.items() if t.is_floating_point()
+        not torch.equal(checkpoint["network"][f"target.encoder.{n}"], t)
+        for n, t in state.items()
+        if t.is_floating_point()
     )
 
 
 def test_plain_run_resumes_from_checkpoint(pretrained, repo_root, shared_data, tmp_path):
     bundle_root, _ = pretrained
     checkpoint = bundle_root / "models" / "checkpoints" / "checkpoint_final.pt"
-    log = run_bundle(repo_root, tmp_path, "--dataset_dir", str(shared_data / "unlabeled"), "--batch_size", "1",
-                     "--max_epochs", "3", "--resume_from", str(checkpoint))
+    log = run_bundle(
+        repo_root,
+        tmp_path,
+        "--dataset_dir",
+        str(shared_data / "unlabeled"),
+        "--batch_size",
+        "1",
+        "--max_epochs",
+        "3",
+        "--resume_from",
+        str(checkpoint),
+    )
     assert f"Restored all variables from {checkpoint}" in log
     assert len(losses(log)) == 3
     final = torch.load(tmp_path / "models" / "checkpoints" / "checkpoint_final.pt", weights_only=False)
@@ -74,8 +109,11 @@ def test_plain_run_resumes_from_checkpoint(pretrained, repo_root, shared_data, t
 
 @pytest.mark.parametrize("config", ["configs/pretrain.json"])
 def test_check_properties(repo_root, config):
-    workflow = ConfigWorkflow(config_file=str(repo_root / config), workflow_type="train",
-                              meta_file=str(repo_root / "configs" / "metadata.json"),
-                              logging_file=str(repo_root / "configs" / "logging.conf"))
+    workflow = ConfigWorkflow(
+        config_file=str(repo_root / config),
+        workflow_type="train",
+        meta_file=str(repo_root / "configs" / "metadata.json"),
+        logging_file=str(repo_root / "configs" / "logging.conf"),
+    )
     workflow.initialize()
     assert not workflow.check_properties()

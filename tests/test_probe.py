@@ -15,8 +15,16 @@ from pgl_bundle.probe_curve import checkpoints_by_iteration, probe_curve
 from pgl_bundle.transfer import load_online_encoder, load_pretrained_encoder
 
 LABELS = ["background", "tumour"]
-TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 16, 32, 32],
-        "patch_size": [64, 64, 16], "label_names": LABELS, "num_workers": 0, "batch_size": 1, "num_samples": 2}
+TINY = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_block": "basic",
+    "encoder_width": [16, 16, 32, 32],
+    "patch_size": [64, 64, 16],
+    "label_names": LABELS,
+    "num_workers": 0,
+    "batch_size": 1,
+    "num_samples": 2,
+}
 
 
 def probe_workflow(repo_root, tmp_path, shared_data, **overrides) -> ConfigWorkflow:
@@ -25,10 +33,19 @@ def probe_workflow(repo_root, tmp_path, shared_data, **overrides) -> ConfigWorkf
     items = [{"image": str(sts / c / "CT_image.nii.gz"), "label": str(sts / c / "CT_mask.nii.gz")} for c in cases]
     (tmp_path / "dataset.json").write_text(json.dumps({"training": items}))
     configs = [str(repo_root / "configs" / c) for c in ("train.json", "evaluate.json", "probe.json")]
-    workflow = ConfigWorkflow(config_file=configs, workflow_type="train", logging_file=False,
-                              meta_file=str(repo_root / "configs" / "metadata.json"), bundle_root=str(tmp_path),
-                              dataset_dir=str(tmp_path / "dataset.json"), num_val_cases=0, num_test_cases=1,
-                              probe_iterations=3, **TINY, **overrides)
+    workflow = ConfigWorkflow(
+        config_file=configs,
+        workflow_type="train",
+        logging_file=False,
+        meta_file=str(repo_root / "configs" / "metadata.json"),
+        bundle_root=str(tmp_path),
+        dataset_dir=str(tmp_path / "dataset.json"),
+        num_val_cases=0,
+        num_test_cases=1,
+        probe_iterations=3,
+        **TINY,
+        **overrides,
+    )
     workflow.initialize()
     return workflow
 
@@ -77,9 +94,17 @@ def tiny_curve(shared_data, tmp_path_factory):
     """Both methods pretrained here for 2 iterations on two small CTs (a checkpoint at each: an epoch is one batch),
     probed at 0 and 2 with one seed."""
     output_dir = tmp_path_factory.mktemp("probe_curve")
-    table = probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir),
-                        unlabelled=[str(shared_data / "sts" / "STS_00[34]" / "CT_image.nii.gz")], iterations=[0, 2], seeds=[0],
-                        num_train_cases=2, num_test_cases=1, probe_iterations=2, preset="tiny")
+    table = probe_curve(
+        labelled=str(shared_data / "sts"),
+        output_dir=str(output_dir),
+        unlabelled=[str(shared_data / "sts" / "STS_00[34]" / "CT_image.nii.gz")],
+        iterations=[0, 2],
+        seeds=[0],
+        num_train_cases=2,
+        num_test_cases=1,
+        probe_iterations=2,
+        preset="tiny",
+    )
     return output_dir, table
 
 
@@ -119,23 +144,44 @@ def test_finished_probes_are_skipped(tiny_curve, shared_data):
     output_dir, _ = tiny_curve
     result = output_dir / "probes" / "byol_it2_seed0" / "eval" / "probe" / "val_mean_dice_raw.csv"
     stamp = result.stat().st_mtime_ns
-    probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[0, 2], seeds=[0],
-                num_train_cases=2, num_test_cases=1, probe_iterations=2, preset="tiny",
-                pgl_run=str(output_dir / "pretrain" / "pgl"), byol_run=str(output_dir / "pretrain" / "byol"))
+    probe_curve(
+        labelled=str(shared_data / "sts"),
+        output_dir=str(output_dir),
+        iterations=[0, 2],
+        seeds=[0],
+        num_train_cases=2,
+        num_test_cases=1,
+        probe_iterations=2,
+        preset="tiny",
+        pgl_run=str(output_dir / "pretrain" / "pgl"),
+        byol_run=str(output_dir / "pretrain" / "byol"),
+    )
     assert result.stat().st_mtime_ns == stamp
 
 
 def test_missing_checkpoint_is_named(tiny_curve, shared_data):
     output_dir, _ = tiny_curve
     with pytest.raises(FileNotFoundError, match=r"pgl/models/checkpoints: no checkpoint at iteration\(s\) \[3\]"):
-        probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[3], seeds=[0],
-                    preset="tiny", pgl_run=str(output_dir / "pretrain" / "pgl"))
+        probe_curve(
+            labelled=str(shared_data / "sts"),
+            output_dir=str(output_dir),
+            iterations=[3],
+            seeds=[0],
+            preset="tiny",
+            pgl_run=str(output_dir / "pretrain" / "pgl"),
+        )
 
 
 def test_report_only_runs_nothing_and_names_the_unfinished(tiny_curve, shared_data):
     output_dir, _ = tiny_curve
-    table = probe_curve(labelled=str(shared_data / "sts"), output_dir=str(output_dir), iterations=[0, 2],
-                        seeds=[0, 1], preset="tiny", report_only=True)
+    table = probe_curve(
+        labelled=str(shared_data / "sts"),
+        output_dir=str(output_dir),
+        iterations=[0, 2],
+        seeds=[0, 1],
+        preset="tiny",
+        report_only=True,
+    )
     assert not (output_dir / "probes" / "random_it0_seed1").exists()
     text = open(table).read()
     assert "| pgl | " in text and "(1 seeds, " in text

@@ -19,9 +19,17 @@ from pgl_bundle import EpochSeededDataset, ResumableSampler, latest_checkpoint
 from pgl_bundle.data import make_synthetic_dataset
 
 # 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3
-RUN = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
-       "hidden_channels": 32, "embedding_channels": 16, "num_workers": 0, "batch_size": 1, "max_epochs": 3,
-       "checkpoint_every_n_iterations": 5}
+RUN = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 32,
+    "embedding_channels": 16,
+    "num_workers": 0,
+    "batch_size": 1,
+    "max_epochs": 3,
+    "checkpoint_every_n_iterations": 5,
+}
 PAUSE_AT = 13  # mid-epoch 2, three iterations after the checkpoint of iteration 10
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one thread per process (no oversubscription on shared cores); pgl_bundle importable even when not installed
@@ -31,8 +39,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
 
 def bundle_cmd(run_id: str, configs: list[str], bundle_root, **overrides) -> list[str]:
     args = [arg for k, v in {**RUN, **overrides}.items() for arg in (f"--{k}", json.dumps(v))]
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(configs),
-            "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle_root), *args]
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        json.dumps(configs),
+        "--logging_file",
+        "configs/logging.conf",
+        "--bundle_root",
+        str(bundle_root),
+        *args,
+    ]
 
 
 def run(repo_root, cmd: list[str]) -> str:
@@ -41,24 +61,37 @@ def run(repo_root, cmd: list[str]) -> str:
     return result.stdout + result.stderr
 
 
-
 def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
     data = make_synthetic_dataset(str(tmp_path / "data"), 8, shape=(64, 64, 24))
     marker = tmp_path / "paused"
     # test-only run id: after iteration PAUSE_AT, touch the marker and block (the test then kills the process)
     pause = tmp_path / "pause.json"
-    pause.write_text(json.dumps({"pause_then_train": [
-        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={PAUSE_AT}), "
-        f"lambda engine: (open('{marker}', 'w').close(), os.read(os.pipe()[0], 1)))",
-        "@run",
-    ]}))
+    pause.write_text(
+        json.dumps(
+            {
+                "pause_then_train": [
+                    f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={PAUSE_AT}), "
+                    f"lambda engine: (open('{marker}', 'w').close(), os.read(os.pipe()[0], 1)))",
+                    "@run",
+                ]
+            }
+        )
+    )
     killed_root, full_root = tmp_path / "killed", tmp_path / "uninterrupted"
     full_log = open(tmp_path / "uninterrupted.log", "w")
-    uninterrupted = subprocess.Popen(bundle_cmd("training", ["configs/pretrain.json"], full_root, dataset_dir=data),
-                                     cwd=repo_root, stdout=full_log, stderr=subprocess.STDOUT, env=ENV)
+    uninterrupted = subprocess.Popen(
+        bundle_cmd("training", ["configs/pretrain.json"], full_root, dataset_dir=data),
+        cwd=repo_root,
+        stdout=full_log,
+        stderr=subprocess.STDOUT,
+        env=ENV,
+    )
     victim = subprocess.Popen(
         bundle_cmd("pause_then_train", ["configs/pretrain.json", str(pause)], killed_root, dataset_dir=data),
-        cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
     )
     deadline = time.time() + 240
     while not marker.exists() and victim.poll() is None and time.time() < deadline:
@@ -70,16 +103,20 @@ def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
     assert not (checkpoints / "checkpoint_final.pt").exists()
     assert latest_checkpoint(str(checkpoints)) == str(checkpoints / "checkpoint_iteration=10.pt")
 
-    log = run(repo_root, bundle_cmd("training", ["configs/pretrain.json"], killed_root, dataset_dir=data,
-                                    resume_from="latest"))
+    log = run(
+        repo_root,
+        bundle_cmd("training", ["configs/pretrain.json"], killed_root, dataset_dir=data, resume_from="latest"),
+    )
     assert f"Restored all variables from {checkpoints / 'checkpoint_iteration=10.pt'}" in log
     assert "epoch 2: resuming after its first 2 batches" in log
     assert log.count("train_loss:") == 24 - 10
     assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "uninterrupted.log").read_text()[-5000:]
     full_log.close()
 
-    resumed, reference = (torch.load(root / "models" / "checkpoints" / "checkpoint_final.pt", map_location="cpu",
-                                     weights_only=True) for root in (killed_root, full_root))
+    resumed, reference = (
+        torch.load(root / "models" / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+        for root in (killed_root, full_root)
+    )
     assert resumed["trainer"] == reference["trainer"] and reference["trainer"]["iteration"] == 24
     assert resumed["lr_scheduler"] == reference["lr_scheduler"]
     assert resumed["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"]
@@ -114,8 +151,13 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_whole(repo_root, tmp_
     saver = tmp_path / "saver.py"
     saver.write_text(textwrap.dedent(SAVER))
     folder = tmp_path / "checkpoints"
-    child = subprocess.Popen([sys.executable, str(saver), str(folder)], cwd=repo_root, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, str(saver), str(folder)],
+        cwd=repo_root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     try:
         while time.time() < deadline and child.poll() is None:

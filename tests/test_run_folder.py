@@ -26,8 +26,16 @@ from pgl_bundle.data import make_synthetic_dataset
 from pgl_bundle.errors import BadInputError, DiskSpaceError, OutputExistsError, user_error_in_chain
 from pgl_bundle.handlers import checkpoint_bytes
 
-TINY = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16],
-        "hidden_channels": 32, "embedding_channels": 16, "num_workers": 0, "batch_size": 2, "max_epochs": 2}
+TINY = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 32,
+    "embedding_channels": 16,
+    "num_workers": 0,
+    "batch_size": 2,
+    "max_epochs": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,14 @@ def keep_excepthook(monkeypatch):
 
 
 def pretrain(repo_root, bundle_root, data, **overrides) -> None:
-    bundle_run("training", config_file=str(repo_root / "configs" / "pretrain.json"), logging_file=False,
-               bundle_root=str(bundle_root), dataset_dir=data, **{**TINY, **overrides})
+    bundle_run(
+        "training",
+        config_file=str(repo_root / "configs" / "pretrain.json"),
+        logging_file=False,
+        bundle_root=str(bundle_root),
+        dataset_dir=data,
+        **{**TINY, **overrides},
+    )
 
 
 def files(folder) -> dict[str, tuple[int, int]]:
@@ -81,8 +95,12 @@ def test_a_second_run_stops_then_resumes_or_replaces(repo_root, tmp_path, three_
     assert isinstance(cause, OutputExistsError), repr(error.value)
     message = str(cause)
     assert f"{models} holds the outputs of another run (run {first_id})" in message
-    for expected in ("checkpoints/checkpoint_final.pt", "pretrained_encoder.pt", "--resume_from latest",
-                     f"--overwrite True (the old outputs are moved to {models}/replaced_{first_id}/)"):
+    for expected in (
+        "checkpoints/checkpoint_final.pt",
+        "pretrained_encoder.pt",
+        "--resume_from latest",
+        f"--overwrite True (the old outputs are moved to {models}/replaced_{first_id}/)",
+    ):
         assert expected in message, message
     assert files(models) == before
 
@@ -102,7 +120,8 @@ def test_a_second_run_stops_then_resumes_or_replaces(repo_root, tmp_path, three_
         latest = resolve_resume("latest", str(checkpoints))
     assert latest == str(checkpoints / "checkpoint_final.pt")
     assert f"checkpoint_epoch=9.pt: skipped, written by run {first_id}, not by this folder's run {second_id}" in (
-        caplog.text)
+        caplog.text
+    )
     assert latest_checkpoint(str(checkpoints)) == str(checkpoints / "checkpoint_epoch=9.pt")  # without the run check
 
 
@@ -112,17 +131,30 @@ def test_fine_tuning_does_not_replace_a_model_unless_continued_or_asked(repo_roo
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"an earlier model")
     sts = shared_data / "sts"
-    cases = [{"image": str(sts / c / "CT_image.nii.gz"), "label": str(sts / c / "CT_mask.nii.gz")}
-             for c in ("STS_001", "STS_002")]
+    cases = [
+        {"image": str(sts / c / "CT_image.nii.gz"), "label": str(sts / c / "CT_mask.nii.gz")}
+        for c in ("STS_001", "STS_002")
+    ]
     (tmp_path / "dataset.json").write_text(json.dumps({"training": cases}))
 
     def run_folder(**overrides):
         parser = ConfigParser()
         parser.read_config(str(repo_root / "configs" / "train.json"))
-        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "dataset.json"), "num_val_cases": 1,
-                       "label_names": ["background", "tumour"], "num_workers": 0, "cache_rate": 0,
-                       "encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [8, 8, 8, 8],
-                       "decoder_channels": [8, 8, 8, 8, 8], **overrides})
+        parser.update(
+            {
+                "bundle_root": str(tmp_path),
+                "dataset_dir": str(tmp_path / "dataset.json"),
+                "num_val_cases": 1,
+                "label_names": ["background", "tumour"],
+                "num_workers": 0,
+                "cache_rate": 0,
+                "encoder_layers": [1, 1, 1, 1],
+                "encoder_block": "basic",
+                "encoder_width": [8, 8, 8, 8],
+                "decoder_channels": [8, 8, 8, 8, 8],
+                **overrides,
+            }
+        )
         return parser.get_parsed_content("run_folder")
 
     with pytest.raises(Exception) as error:
@@ -130,8 +162,11 @@ def test_fine_tuning_does_not_replace_a_model_unless_continued_or_asked(repo_roo
     cause = user_error_in_chain(error.value)
     assert isinstance(cause, OutputExistsError) and "model.pt. This run would overwrite them" in str(cause)
     assert "--overwrite True" in str(cause) and "--resume_from" not in str(cause)
-    loader = {"_target_": "CheckpointLoader", "load_path": str(tmp_path / "models" / "model.pt"),
-              "load_dict": {"model": "$@network"}}
+    loader = {
+        "_target_": "CheckpointLoader",
+        "load_path": str(tmp_path / "models" / "model.pt"),
+        "load_dict": {"model": "$@network"},
+    }
     handlers = ConfigParser.load_config_file(str(repo_root / "configs" / "train.json"))["train"]["handlers"]
     assert run_folder(**{"train#handlers": [loader, *handlers]}).resume_path == loader["load_path"]
     assert run_folder(overwrite=True).to_move == [str(tmp_path / "models" / "model.pt")]
@@ -148,15 +183,17 @@ def tiny_trainer(folder, **saver_args) -> tuple[Engine, AtomicCheckpointSaver]:
         optimizer.step()
 
     trainer = Engine(step)
-    saver = AtomicCheckpointSaver(str(folder), {"network": net, "optimizer": optimizer, "trainer": trainer},
-                                  **saver_args)
+    saver = AtomicCheckpointSaver(
+        str(folder), {"network": net, "optimizer": optimizer, "trainer": trainer}, **saver_args
+    )
     saver.attach(trainer)
     return trainer, saver
 
 
 def test_a_failed_save_keeps_the_last_good_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
-    trainer, _ = tiny_trainer(tmp_path, save_interval=1, epoch_level=False, n_saved=1, save_final=True,
-                              final_filename="checkpoint_final.pt")
+    trainer, _ = tiny_trainer(
+        tmp_path, save_interval=1, epoch_level=False, n_saved=1, save_final=True, final_filename="checkpoint_final.pt"
+    )
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):  # the first save works; later ones fill the disk halfway through
@@ -173,13 +210,15 @@ def test_a_failed_save_keeps_the_last_good_checkpoint_and_no_temporary_file(tmp_
     assert real_save is not torch.save and torch.load(kept, weights_only=True)["trainer"]["iteration"] == 1
     message = str(error.value)
     assert f"{tmp_path / 'checkpoint_iteration=2.pt'}: saving the checkpoint failed (No space left on device)" in (
-        message)
+        message
+    )
     assert f"Last good checkpoint here: {kept}" in message and "--resume_from latest" in message
 
 
 def test_free_space_is_checked_before_training(tmp_path, monkeypatch):
-    trainer, saver = tiny_trainer(tmp_path, save_interval=1, epoch_level=True, n_saved=2, save_final=True,
-                                  final_filename="checkpoint_final.pt")
+    trainer, saver = tiny_trainer(
+        tmp_path, save_interval=1, epoch_level=True, n_saved=2, save_final=True, final_filename="checkpoint_final.pt"
+    )
     estimate = checkpoint_bytes(saver.save_dict)
     trainer.run(range(2), max_epochs=1)  # after a step the optimizer holds its state: the estimate is an upper bound
     size = os.path.getsize(tmp_path / "checkpoint_final.pt")
@@ -189,14 +228,20 @@ def test_free_space_is_checked_before_training(tmp_path, monkeypatch):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 3 * estimate + 1, 3 * estimate - 1))
-    with pytest.raises(DiskSpaceError, match=rf"not enough free disk space for the checkpoints in \['{tmp_path}'\]: "
-                                             r"they need up to \d+ MB at once"):
+    with pytest.raises(
+        DiskSpaceError,
+        match=rf"not enough free disk space for the checkpoints in \['{tmp_path}'\]: "
+        r"they need up to \d+ MB at once",
+    ):
         check_free_space([saver])
 
 
 def test_no_batch_and_dropped_volumes_are_reported(caplog):
-    with pytest.raises(BadInputError, match=r"no training batch can be formed: 1 volume\(s\) per process, batch size "
-                                            r"2, drop_last True. Add volumes, or lower batch_size to at most 1"):
+    with pytest.raises(
+        BadInputError,
+        match=r"no training batch can be formed: 1 volume\(s\) per process, batch size "
+        r"2, drop_last True. Add volumes, or lower batch_size to at most 1",
+    ):
         check_epoch_length(DataLoader([0], batch_size=2, drop_last=True))
     with caplog.at_level(logging.INFO):
         assert check_epoch_length(DataLoader([0, 1, 2], batch_size=2, drop_last=True)) == 1

@@ -51,8 +51,11 @@ def test_logs_pairs_per_second_and_data_wait(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="pgl_bundle.throughput"):
         engine.run(batches(), max_epochs=1, epoch_length=10)
     # each window: 5 iterations x 4 pairs in 5 x (3 + 1) s, 15 s of them waiting for data
-    expected = [(tag, value, step) for step in (5, 10)
-                for tag, value in (("throughput/pairs_per_second", 1.0), ("throughput/data_wait_fraction", 0.75))]
+    expected = [
+        (tag, value, step)
+        for step in (5, 10)
+        for tag, value in (("throughput/pairs_per_second", 1.0), ("throughput/data_wait_fraction", 0.75))
+    ]
     assert [tag for tag, _, _ in writer.scalars] == [tag for tag, _, _ in expected]
     assert [step for _, _, step in writer.scalars] == [step for _, _, step in expected]
     assert [value for _, value, _ in writer.scalars] == pytest.approx([value for _, value, _ in expected])
@@ -70,10 +73,23 @@ def test_training_reads_tensors_on_the_host_only_when_logging(repo_root, tmp_pat
     data = make_synthetic_dataset(str(tmp_path / "data"), 2, shape=(48, 48, 24))
     parser = ConfigParser()
     parser.read_config(str(repo_root / "configs" / "pretrain.json"))
-    parser.update({"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "encoder_block": "basic",
-                   "patch_size": [32, 32, 16], "hidden_channels": 16, "embedding_channels": 8, "num_workers": 0,
-                   "batch_size": 1, "max_epochs": 3, "log_interval": 3, "bundle_root": str(tmp_path / "run"),
-                   "dataset_dir": data, "device": "$torch.device('cpu')"})
+    parser.update(
+        {
+            "encoder_layers": [1, 1, 1, 1],
+            "encoder_width": [8, 8, 8, 8],
+            "encoder_block": "basic",
+            "patch_size": [32, 32, 16],
+            "hidden_channels": 16,
+            "embedding_channels": 8,
+            "num_workers": 0,
+            "batch_size": 1,
+            "max_epochs": 3,
+            "log_interval": 3,
+            "bundle_root": str(tmp_path / "run"),
+            "dataset_dir": data,
+            "device": "$torch.device('cpu')",
+        }
+    )
     trainer = parser.get_parsed_content("train#trainer")
     reads, current = [], {"iteration": 0}
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: current.update(iteration=e.state.iteration))

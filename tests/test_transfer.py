@@ -20,9 +20,19 @@ def pretrain(repo_root, shared_data, bundle_root, *overlays: str):
     """models/ of one short run of configs/pretrain.json (and overlays) on a real CT."""
     configs = [str(repo_root / "configs" / name) for name in ("pretrain.json", *overlays)]
     workflow = ConfigWorkflow(
-        config_file=configs, workflow_type="train", bundle_root=str(bundle_root), logging_file=False,
-        dataset_dir=str(shared_data / "sts"), num_volumes=1, max_epochs=1, batch_size=1, num_workers=0,
-        encoder_layers=LAYERS, patch_size=[64, 64, 16], hidden_channels=64, embedding_channels=32,
+        config_file=configs,
+        workflow_type="train",
+        bundle_root=str(bundle_root),
+        logging_file=False,
+        dataset_dir=str(shared_data / "sts"),
+        num_volumes=1,
+        max_epochs=1,
+        batch_size=1,
+        num_workers=0,
+        encoder_layers=LAYERS,
+        patch_size=[64, 64, 16],
+        hidden_channels=64,
+        embedding_channels=32,
     )
     workflow.initialize()
     workflow.run()
@@ -113,8 +123,10 @@ def test_corrupted_checkpoint_is_refused(pretrained, repo_root, tmp_path):
 
 def test_training_checkpoint_is_not_an_encoder_checkpoint(pretrained, repo_root, tmp_path):
     """The full pretraining checkpoint (network, optimizer, ...) or any non-tensor content is refused."""
-    for path, content in ((pretrained / "checkpoints" / "checkpoint_final.pt", None),
-                          (tmp_path / "dict.pt", {"network": {"conv1.weight": torch.zeros(1)}, "epoch": 3})):
+    for path, content in (
+        (pretrained / "checkpoints" / "checkpoint_final.pt", None),
+        (tmp_path / "dict.pt", {"network": {"conv1.weight": torch.zeros(1)}, "epoch": 3}),
+    ):
         if content is not None:
             torch.save(content, path)
         with pytest.raises(ValueError, match=f"{path}: not an encoder checkpoint"):
@@ -139,15 +151,19 @@ def test_prefixed_checkpoint_names_the_prefix(pretrained, repo_root, tmp_path):
 
 def test_shape_mismatch_names_the_tensors(pretrained, repo_root):
     with pytest.raises(ValueError, match=r"23 tensor shape\(s\) differ.*layer2.0.bn1.bias: \(128,\) vs \(96,\)"):
-        load_pretrained_encoder(segmentation_net(repo_root, encoder_width=[64, 96, 256, 512]),
-                                pretrained / "pretrained_encoder.pt")
+        load_pretrained_encoder(
+            segmentation_net(repo_root, encoder_width=[64, 96, 256, 512]), pretrained / "pretrained_encoder.pt"
+        )
 
 
 def test_partial_match_is_refused_unless_not_strict(pretrained, repo_root, caplog):
     checkpoint = pretrained / "pretrained_encoder.pt"
     deeper = segmentation_net(repo_root, encoder_layers=[2, 1, 1, 1])  # layer1.1.* is not in the checkpoint
-    with pytest.raises(ValueError, match=r"does not fit the encoder: 106 of 124 encoder tensors matched, missing: \["
-                                         r"layer1.1.bn1.bias"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit the encoder: 106 of 124 encoder tensors matched, missing: \["
+        r"layer1.1.bn1.bias",
+    ):
         load_pretrained_encoder(deeper, checkpoint)
     with caplog.at_level(logging.WARNING, logger="pgl_bundle.transfer"):
         load_pretrained_encoder(deeper, checkpoint, strict=False)
@@ -159,8 +175,17 @@ def test_partial_match_is_refused_unless_not_strict(pretrained, repo_root, caplo
 def test_export_into_monai_resnet_is_exact(pretrained):
     """With the PGL stem and no max pooling, MONAI's ResNet loads every tensor and computes the same features."""
     checkpoint = pretrained / "pretrained_encoder.pt"
-    resnet = ResNet("bottleneck", LAYERS, [64, 128, 256, 512], spatial_dims=3, n_input_channels=1,
-                    conv1_t_size=(7, 7, 3), conv1_t_stride=(2, 2, 1), no_max_pool=True, feed_forward=False)
+    resnet = ResNet(
+        "bottleneck",
+        LAYERS,
+        [64, 128, 256, 512],
+        spatial_dims=3,
+        n_input_channels=1,
+        conv1_t_size=(7, 7, 3),
+        conv1_t_stride=(2, 2, 1),
+        no_max_pool=True,
+        feed_forward=False,
+    )
     resnet.load_state_dict(export_encoder(checkpoint, resnet))
     encoder = PGLResNetEncoder(layers=LAYERS)
     encoder.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
@@ -177,8 +202,9 @@ def test_export_into_flexible_unet_where_shapes_allow(pretrained, tmp_path, capl
     with caplog.at_level(logging.INFO, logger="pgl_bundle.transfer"):
         exported = export_encoder(checkpoint, unet, tmp_path / "flexible_unet.pt")
     assert exported.keys() == own.keys()
-    assert torch.equal(torch.load(tmp_path / "flexible_unet.pt", weights_only=True)["encoder.bn1.weight"],
-                       state["bn1.weight"])
+    assert torch.equal(
+        torch.load(tmp_path / "flexible_unet.pt", weights_only=True)["encoder.bn1.weight"], state["bn1.weight"]
+    )
     unet.load_state_dict(exported)  # strict: a complete state
     after = unet.state_dict()
     # left out: the (7, 7, 3) stem kernel (FlexibleUNet's is 7x7x7) and the shortcut biases (its ResNet has none)
@@ -199,12 +225,20 @@ def test_export_refuses_a_network_without_resnet(pretrained):
 
 
 def test_freeze_encoder_for_the_first_epochs():
-    net = PGLSegmentationNet(PGLResNetEncoder(layers=LAYERS, block="basic", block_inplanes=(8, 16, 32, 64)), 2,
-                             decoder_channels=(16, 8, 8, 8, 8))
+    net = PGLSegmentationNet(
+        PGLResNetEncoder(layers=LAYERS, block="basic", block_inplanes=(8, 16, 32, 64)),
+        2,
+        decoder_channels=(16, 8, 8, 8, 8),
+    )
     seen = []
-    engine = Engine(lambda e, b: seen.append(
-        (any(p.requires_grad for p in net.encoder.parameters()), all(p.requires_grad for p in net.head.parameters()))
-    ))
+    engine = Engine(
+        lambda e, b: seen.append(
+            (
+                any(p.requires_grad for p in net.encoder.parameters()),
+                all(p.requires_grad for p in net.head.parameters()),
+            )
+        )
+    )
     FreezeEncoder(net, epochs=2).attach(engine)
     engine.run([0], max_epochs=4)
     assert seen == [(False, True), (False, True), (True, True), (True, True)]

@@ -15,6 +15,8 @@ __all__ = ["IMAGE_SUFFIXES", "dicom_series", "find_images", "load_datalist"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _GLOB_CHARS = set("*?[")
+
+
 def dicom_series(folder: str) -> list[tuple[str, str, int]]:
     """The DICOM series in ``folder`` as ITK (and so MONAI's ``ITKReader``) splits them: ``(uid, description,
     number of files)`` each. ITK is MONAI's DICOM reader; it is imported here only when a DICOM folder is found."""
@@ -123,12 +125,16 @@ def load_datalist(
         items = _from_dataset_json(source, keys, sections)
     elif os.path.isfile(source) and source.lower().endswith(IMAGE_SUFFIXES):
         if set(keys) != {"image"}:
-            raise BadInputError(f"{source}: one volume, but {sorted(set(keys) - {'image'})} are needed too: give a "
-                                "dataset.json that pairs them.")
+            raise BadInputError(
+                f"{source}: one volume, but {sorted(set(keys) - {'image'})} are needed too: give a "
+                "dataset.json that pairs them."
+            )
         items = [{"image": source}]
     elif os.path.isfile(source):
-        raise BadInputError(f"{source}: not a dataset.json nor a volume ({', '.join(IMAGE_SUFFIXES)}); give a "
-                            "dataset.json, a folder, a glob pattern or one volume.")
+        raise BadInputError(
+            f"{source}: not a dataset.json nor a volume ({', '.join(IMAGE_SUFFIXES)}); give a "
+            "dataset.json, a folder, a glob pattern or one volume."
+        )
     elif os.path.isdir(source) or _GLOB_CHARS & set(source):
         paths = find_images(source) if os.path.isdir(source) else sorted(glob.glob(source, recursive=True))
         if set(keys) != {"image"}:
@@ -144,8 +150,10 @@ def load_datalist(
     if not items and source.endswith(".json"):
         raise BadInputError(f"{source}: its lists {list(sections)} hold no item.")
     if not items and os.path.isdir(source):
-        raise BadInputError(f"{source}: no volumes found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM "
-                            f"folders); {found_instead(os.path.join(source, '*'))}.")
+        raise BadInputError(
+            f"{source}: no volumes found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM "
+            f"folders); {found_instead(os.path.join(source, '*'))}."
+        )
     if not items:
         raise InputNotFoundError(f"{source}: the glob pattern matches no file; {found_instead(source)}.")
     if must_exist:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data.utils import affine_to_spacing
-from monai.transforms import Compose, CropForegroundd, EnsureTyped, MapTransform, Orientationd, SpatialPadd, Spacingd
+from monai.transforms import Compose, CropForegroundd, EnsureTyped, MapTransform, Orientationd, Spacingd, SpatialPadd
 from tqdm import tqdm
 
 from ..errors import BadInputError, InputNotFoundError
@@ -259,8 +259,10 @@ def prepare(
     last_write = time.monotonic()
     with ProcessPoolExecutor(num_workers, initializer=_single_thread) as pool:
         futures = {
-            pool.submit(_prepare_one, source, os.path.join(prepared_dir, _array_name(source)), settings, hu_window):
-            (source, stamp)
+            pool.submit(_prepare_one, source, os.path.join(prepared_dir, _array_name(source)), settings, hu_window): (
+                source,
+                stamp,
+            )
             for source, stamp in todo
         }
         for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", disable=not futures):
@@ -299,9 +301,7 @@ def load_prepared(
     """
     manifest = _read_manifest(prepared_dir)
     if manifest is None:
-        raise InputNotFoundError(
-            f"{prepared_dir}: no {MANIFEST}; run the prepare stage first (docs/production.md)."
-        )
+        raise InputNotFoundError(f"{prepared_dir}: no {MANIFEST}; run the prepare stage first (docs/production.md).")
     settings, stored = _settings(hu_window, pixdim, min_size, min_image_size), manifest["settings"]
     differ = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
     if differ:

@@ -50,7 +50,12 @@ def make_volume(rng: np.random.Generator, shape, spacing) -> tuple[np.ndarray, n
     image[_ellipsoid(grid, (0, 0, 0), muscle, 0.0)] = 40.0
     lung_top = extent[2] * rng.uniform(0.3, 0.6)
     for side in (-1, 1):
-        lung = _ellipsoid(grid, (side * muscle[0] * 0.5, -muscle[1] * 0.1, extent[2]), (muscle[0] * 0.4,) * 2 + (extent[2] - lung_top + 40,), 0)
+        lung = _ellipsoid(
+            grid,
+            (side * muscle[0] * 0.5, -muscle[1] * 0.1, extent[2]),
+            (muscle[0] * 0.4,) * 2 + (extent[2] - lung_top + 40,),
+            0,
+        )
         image[lung] = -850.0
     spine_centre = (0.0, muscle[1] * 0.7, 0.0)
     image[_ellipsoid(grid, spine_centre, (14.0, 14.0, 1e4), 0.0)] = 700.0
@@ -87,8 +92,10 @@ def make_synthetic_dataset(
     if os.path.isfile(datalist_path):
         logger.info(f"no dataset_dir given: using the synthetic CT phantoms in {output_dir} (made earlier).")
         return datalist_path
-    logger.info(f"no dataset_dir given: generating {num_volumes} synthetic CT phantoms of {shape} voxels in "
-                f"{output_dir} (first use; they teach nothing about anatomy, see --dataset_dir).")
+    logger.info(
+        f"no dataset_dir given: generating {num_volumes} synthetic CT phantoms of {shape} voxels in "
+        f"{output_dir} (first use; they teach nothing about anatomy, see --dataset_dir)."
+    )
     os.makedirs(os.path.join(output_dir, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(output_dir, "labelsTr"), exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -141,8 +148,14 @@ def make_ct_volume(rng: np.random.Generator, num_slices: int, spacing=(0.8, 0.8,
     image = np.repeat(plane[..., None], num_slices, axis=2)
     lung_top = int(num_slices * rng.uniform(0.5, 0.8))
     for side in (-1, 1):
-        _ellipse_hu(image, xy, (side * muscle[0] * 0.5, -muscle[1] * 0.1), (muscle[0] * 0.4,) * 2,
-                    (lung_top, 2 * num_slices - lung_top), -850)
+        _ellipse_hu(
+            image,
+            xy,
+            (side * muscle[0] * 0.5, -muscle[1] * 0.1),
+            (muscle[0] * 0.4,) * 2,
+            (lung_top, 2 * num_slices - lung_top),
+            -850,
+        )
     for _, hu, (cx, cy), (z0, z1), radii in _ORGANS:
         centre = (cx * muscle[0] + rng.normal(0, 5), cy * muscle[1] + rng.normal(0, 5))
         extent = min(radii[2] / spacing[2], num_slices)
@@ -177,6 +190,14 @@ def make_ct_corpus(
     os.makedirs(output_dir, exist_ok=True)
     todo = [i for i in range(num_volumes) if not os.path.isfile(os.path.join(output_dir, f"ct_{i:04d}.nii.gz"))]
     with ProcessPoolExecutor(max(1, num_workers)) as pool:
-        list(pool.map(_write_ct, [output_dir] * len(todo), todo, [seed] * len(todo), [slices] * len(todo),
-                      [spacing] * len(todo)))
+        list(
+            pool.map(
+                _write_ct,
+                [output_dir] * len(todo),
+                todo,
+                [seed] * len(todo),
+                [slices] * len(todo),
+                [spacing] * len(todo),
+            )
+        )
     return [os.path.join(output_dir, f"ct_{i:04d}.nii.gz") for i in range(num_volumes)]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pgl_bundle.compare import CONFIGS, PRESETS, _run_bundle, _write_datalist
 from pgl_bundle.data import load_datalist
-from pgl_bundle.handlers import _trained_iterations
+from pgl_bundle.handlers import _checkpoint_run
 
 __all__ = ["checkpoints_by_iteration", "probe_curve"]
 
@@ -43,9 +43,9 @@ def checkpoints_by_iteration(run_dir: str) -> dict[int, str]:
     """The full training checkpoints in ``run_dir/models/checkpoints``, by the trainer iteration they hold."""
     found = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "models", "checkpoints", "*.pt"))):
-        iteration = _trained_iterations(path)
-        if iteration is not None:
-            found.setdefault(iteration, path)
+        stored = _checkpoint_run(path)  # (iteration, run id), None for unreadable files
+        if stored is not None:
+            found.setdefault(stored[0], path)
     return found
 
 

@@ -199,7 +199,7 @@ def _good_items(prepared_dir: str, volumes: Sequence[dict], require_hu: bool = F
     if not good:
         raise BadInputError(f"{prepared_dir}: no usable volume prepared (of {len(volumes)}).")
     geometries = [(tuple(v["shape"][1:]), tuple(v["spacing"])) for v in good]
-    logger.info(f"{len(good)} prepared volumes to use: {_summary(geometries)}.")
+    logger.info(f"{len(good)} volumes to use: {_summary(geometries)} (prepared in {prepared_dir}).")
     return [{"image": os.path.join(prepared_dir, v["array"])} for v in good]
 
 

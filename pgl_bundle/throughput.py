@@ -75,7 +75,7 @@ class ThroughputHandler(TensorBoardHandler):
         self._last = (iteration, wall, data)
         rate, wait = pairs / max(window, 1e-9), waited / max(window, 1e-9)
         self.logger.info(
-            f"iteration {engine.state.iteration}: {rate:.1f} view pairs/s (all processes), "
+            f"iteration {engine.state.iteration}: {rate:.3g} view pairs/s (all processes), "
             f"{100 * wait:.1f} % of the time waiting for data"
         )
         self._writer.add_scalar(f"{self.tag}/pairs_per_second", rate, engine.state.iteration)

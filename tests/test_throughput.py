@@ -59,7 +59,7 @@ def test_logs_pairs_per_second_and_data_wait(monkeypatch, caplog):
     assert [tag for tag, _, _ in writer.scalars] == [tag for tag, _, _ in expected]
     assert [step for _, _, step in writer.scalars] == [step for _, _, step in expected]
     assert [value for _, value, _ in writer.scalars] == pytest.approx([value for _, value, _ in expected])
-    assert "iteration 10: 1.0 view pairs/s (all processes), 75.0 % of the time waiting for data" in caplog.text
+    assert "iteration 10: 1 view pairs/s (all processes), 75.0 % of the time waiting for data" in caplog.text
 
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")

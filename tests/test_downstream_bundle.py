@@ -355,6 +355,8 @@ def test_window_is_one_setting_for_every_stage(repo_root):
     inference builds the network that training saved."""
     configs = {c.name: json.loads(c.read_text()) for c in (repo_root / "configs").glob("*.json")}
     windows = {name: c["hu_window"] for name, c in configs.items() if "hu_window" in c}
+    assert configs["prepare.json"]["hu_window"] == "%configs/pretrain.json#hu_window"  # a reference, not a copy
+    del windows["prepare.json"]
     assert set(windows) == {"pretrain.json", "train.json", "inference.json"}
     assert all(w == [-200, 300] for w in windows.values()), windows
     shared = ("patch_size", "encoder_layers", "encoder_block", "encoder_width", "decoder_channels", "label_names")

@@ -134,8 +134,24 @@ def test_a_killed_prepare_resumes_to_the_same_files(shared_data, tmp_path):
     for case in range(1, 6):
         os.symlink(shared_data / "sts" / f"STS_{case:03d}" / "CT_image.nii.gz", sources / f"STS_{case:03d}.nii.gz")
     killed, full = tmp_path / "killed", tmp_path / "full"
+    # the victim writes its manifest after every volume and takes a second per volume (the STS CTs prepare in
+    # 0.1 s), so the kill lands mid-run on any machine; the workers are forked and see the slowed function
+    slowed = (
+        "import sys, time\n"
+        "import pgl_bundle.data.prepared as p\n"
+        "prepare_one = p._prepare_one\n"
+        "def slow(*args):\n"
+        "    time.sleep(1.0)\n"
+        "    return prepare_one(*args)\n"
+        "p._prepare_one, p._MANIFEST_EVERY_S = slow, 0.0\n"
+        "p.prepare(sys.argv[1], sys.argv[2], num_workers=1, min_image_size=None)\n"
+    )
     victim = subprocess.Popen(
-        prepare_cmd(sources, killed), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", slowed, str(sources), str(killed)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while victim.poll() is None and not (killed / "manifest.json").exists() and time.time() < deadline:
@@ -187,6 +203,7 @@ def test_a_corrupt_source_is_reported_once_and_left_out(shared_data, tmp_path, c
     with pytest.raises(ValueError, match="1 of 2 datalist items cannot be used") as error:
         prepare(str(sources), str(folder), WINDOW, min_size=PAD, skip_bad=False)
     assert message in str(error.value)
+    caplog.clear()  # a logging config of an earlier in-process bundle run may have let the first call's lines in
     caplog.set_level(logging.INFO)
     items = prepare(str(sources), str(folder), WINDOW, min_size=PAD)
     assert [os.path.basename(i["image"]).split("_")[0] for i in items] == ["good"]

@@ -7,7 +7,8 @@ once, applies :func:`deterministic_transforms` (RAS, optional resampling, foregr
 - ``<prepared_dir>/<name>_<hash>.npy``: one ``(1, x, y, z)`` int16 array of HU per volume (raw HU, rounded: the
   intensity window stays a training setting, applied to each crop by :class:`~pgl_bundle.views.RandPGLViewsd`);
 - ``<prepared_dir>/manifest.json``: the settings, and per source its path, size and mtime, the array's name, shape,
-  spacing, affine and dtype; sources that cannot be used are listed with their problems (the messages of
+  spacing, affine and dtype, the source's own shape and spacing, and a note when its values do not look like
+  Hounsfield units; sources that cannot be used are listed with their problems (the messages of
   :func:`~pgl_bundle.data.checks.check_datalist`).
 
 Each array is written to a temporary file and renamed, the manifest likewise (every few seconds and at the end), so
@@ -125,6 +126,7 @@ def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequen
     if problems:
         return {"problems": problems}
     not_hu = check_hounsfield(image)
+    source = {"source_shape": list(image.shape[1:]), "source_spacing": affine_to_spacing(image.affine, r=3).tolist()}
     chain = Compose(deterministic_transforms(hu_window, settings["pixdim"], settings["min_size"]))
     volume = chain({"image": image})["image"]
     info = torch.iinfo(torch.int16)
@@ -138,6 +140,7 @@ def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequen
         "dtype": str(array.dtype),
         "spacing": affine_to_spacing(volume.affine, r=3).tolist(),
         "affine": volume.affine.tolist(),
+        **source,
         **({"not_hu": not_hu} if not_hu else {}),
     }
 
@@ -194,11 +197,11 @@ def _report_bad(
 
 
 def _good_items(prepared_dir: str, volumes: Sequence[dict], require_hu: bool = False) -> list[dict]:
-    """The usable volumes as datalist items; logs how many there are and their shape and spacing ranges."""
+    """The usable volumes as datalist items; logs how many there are and their source shape and spacing ranges."""
     good = [v for v in volumes if "array" in v and not (require_hu and "not_hu" in v)]
     if not good:
         raise BadInputError(f"{prepared_dir}: no usable volume prepared (of {len(volumes)}).")
-    geometries = [(tuple(v["shape"][1:]), tuple(v["spacing"])) for v in good]
+    geometries = [(tuple(v["source_shape"]), tuple(v["source_spacing"])) for v in good]
     logger.info(f"{len(good)} volumes to use: {_summary(geometries)} (prepared in {prepared_dir}).")
     return [{"image": os.path.join(prepared_dir, v["array"])} for v in good]
 

@@ -17,17 +17,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_PRETRAIN
 
 from pgl_bundle.data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset
 from pgl_bundle.networks import PGLResNetEncoder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = {
-    "encoder_layers": [1, 1, 1, 1],
-    "encoder_width": [8, 8, 8, 8],
-    "patch_size": [32, 32, 16],
-    "hidden_channels": 32,
-    "embedding_channels": 16,
+    **TINY_PRETRAIN,
     "num_workers": 0,
     "batch_size": 1,
     "max_epochs": 1,

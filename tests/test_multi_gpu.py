@@ -9,16 +9,10 @@ import sys
 
 import pytest
 import torch
+from tiny import TINY_PRETRAIN
 
 from pgl_bundle.data import make_synthetic_dataset
 
-TINY_PRETRAIN = {
-    "encoder_layers": [1, 1, 1, 1],
-    "encoder_width": [8, 8, 8, 8],
-    "patch_size": [32, 32, 16],
-    "hidden_channels": 32,
-    "embedding_channels": 16,
-}
 TINY_TRAIN = {
     "encoder_layers": [1, 1, 1, 1],
     "encoder_block": "basic",

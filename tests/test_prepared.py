@@ -16,6 +16,7 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, LoadImaged, RandGaussianNoise, ScaleIntensityRanged
+from tiny import TINY_PRETRAIN
 
 from pgl_bundle import EpochSeededDataset, RandPGLViewsd
 from pgl_bundle.data import LoadPreparedd, deterministic_transforms, load_prepared, prepare, training_datalist
@@ -251,10 +252,7 @@ def test_pretraining_on_a_prepared_folder_through_the_bundle(sources, tmp_path):
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert len(json.loads((folder / "manifest.json").read_text())["volumes"]) == 3
     tiny = {
-        "encoder_layers": [1, 1, 1, 1],
-        "encoder_width": [8, 8, 8, 8],
-        "hidden_channels": 32,
-        "embedding_channels": 16,
+        **{k: v for k, v in TINY_PRETRAIN.items() if k != "patch_size"},
         "batch_size": 1,
         "max_epochs": 1,
         "num_workers": 1,

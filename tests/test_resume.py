@@ -14,17 +14,14 @@ import pytest
 import torch
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoise
+from tiny import TINY_PRETRAIN
 
 from pgl_bundle import EpochSeededDataset, ResumableSampler, latest_checkpoint
 from pgl_bundle.data import make_synthetic_dataset
 
 # 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3
 RUN = {
-    "encoder_layers": [1, 1, 1, 1],
-    "encoder_width": [8, 8, 8, 8],
-    "patch_size": [32, 32, 16],
-    "hidden_channels": 32,
-    "embedding_channels": 16,
+    **TINY_PRETRAIN,
     "num_workers": 0,
     "batch_size": 1,
     "max_epochs": 3,

@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
+from tiny import TINY_PRETRAIN
 from torch.utils.data import DataLoader
 
 from pgl_bundle import AtomicCheckpointSaver, check_epoch_length, check_free_space, latest_checkpoint, resolve_resume
@@ -27,11 +28,7 @@ from pgl_bundle.errors import BadInputError, DiskSpaceError, OutputExistsError, 
 from pgl_bundle.handlers import checkpoint_bytes
 
 TINY = {
-    "encoder_layers": [1, 1, 1, 1],
-    "encoder_width": [8, 8, 8, 8],
-    "patch_size": [32, 32, 16],
-    "hidden_channels": 32,
-    "embedding_channels": 16,
+    **TINY_PRETRAIN,
     "num_workers": 0,
     "batch_size": 2,
     "max_epochs": 2,

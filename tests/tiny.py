@@ -1,0 +1,9 @@
+"""Settings shared by the tests that run the pretraining bundle: a tiny encoder and heads that train in seconds."""
+
+TINY_PRETRAIN = {
+    "encoder_layers": [1, 1, 1, 1],
+    "encoder_width": [8, 8, 8, 8],
+    "patch_size": [32, 32, 16],
+    "hidden_channels": 32,
+    "embedding_channels": 16,
+}

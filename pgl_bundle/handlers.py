@@ -164,8 +164,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def bytes_needed(self) -> int:
         """Disk space this saver may hold at once: :func:`checkpoint_bytes` of its ``save_dict`` per file kept, plus
         one for the temporary file of the save in progress (interval savers; the final checkpoint is written when
-        no interval save is under way, or is a link)."""
-        files = (self._interval_checkpoint.n_saved + 1) if self._interval_checkpoint is not None else 1
+        no interval save is under way, or is a link). A saver that keeps every file (``n_saved`` None) grows with
+        the run: only its first file and the one being written are counted."""
+        interval = self._interval_checkpoint
+        files = ((interval.n_saved or 1) + 1) if interval is not None else 1
         return checkpoint_bytes(self.save_dict) * files
 
 

@@ -64,7 +64,7 @@ def _pretrain(method: str, root: str, unlabelled_json: str, iterations: Sequence
         "dataset_dir": unlabelled_json,
         "max_epochs": math.ceil(max(iterations) / epoch_length),
         "checkpoint_every_n_iterations": every,
-        "train#checkpoint_handlers#3#n_saved": "None",
+        "iteration_checkpoints_kept": 0,  # all (an override to None would be dropped by monai.bundle run)
         "resume_from": "latest",
     }
     _run_bundle(CONFIGS[method], root, overrides, run_id="training")

@@ -245,3 +245,16 @@ def test_no_batch_and_dropped_volumes_are_reported(caplog):
         assert check_epoch_length(DataLoader([0, 1, 2], batch_size=2)) == 2
     assert "drop_last leaves 1 of 3 volumes out of every epoch." in caplog.text
     assert "3 volumes, batch size 2: 2 iterations per epoch." in caplog.text
+
+
+def test_every_iteration_checkpoint_can_be_kept(repo_root, tmp_path, three_volumes):
+    """iteration_checkpoints_kept 0 keeps them all (the probe curve needs every one; an override of the handler's
+    n_saved to None is dropped by monai.bundle run, so the key exists); the default keeps the newest 2."""
+    pretrain(repo_root, tmp_path / "all", three_volumes, checkpoint_every_n_iterations=1, iteration_checkpoints_kept=0)
+    pretrain(repo_root, tmp_path / "two", three_volumes, checkpoint_every_n_iterations=1)
+    kept = {
+        name: sorted(f for f in os.listdir(tmp_path / name / "models" / "checkpoints") if "iteration" in f)
+        for name in ("all", "two")
+    }
+    assert kept["all"] == [f"checkpoint_iteration={i}.pt" for i in (1, 2, 3, 4)]
+    assert kept["two"] == ["checkpoint_iteration=3.pt", "checkpoint_iteration=4.pt"]

@@ -153,11 +153,12 @@ def test_a_killed_prepare_resumes_to_the_same_files(shared_data, tmp_path):
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes its pool worker too, as a kill of a job does
     )
     deadline = time.time() + 120
     while victim.poll() is None and not (killed / "manifest.json").exists() and time.time() < deadline:
         time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
+    os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     done = len(json.loads((killed / "manifest.json").read_text())["volumes"])
     assert 0 < done < 5, f"not killed mid-run: {done} of 5 volumes in the manifest"

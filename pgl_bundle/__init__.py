@@ -8,7 +8,9 @@ Where each concept of the paper lives:
 - loss: :mod:`pgl_bundle.losses`; EMA momentum: :mod:`pgl_bundle.ema`
 - trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`; its speed: :mod:`pgl_bundle.throughput`
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`
-- data and its checks: :mod:`pgl_bundle.data`
+- data and its checks: :mod:`pgl_bundle.data`; prepared once, memory-mapped: :mod:`pgl_bundle.data.prepared`
+- evaluation: the dense probe :mod:`pgl_bundle.networks.probe` and :mod:`pgl_bundle.probe_curve`; fine-tuning
+  comparison :mod:`pgl_bundle.compare`; paired bootstrap :mod:`pgl_bundle.stats`
 - resume and multi-process runs: :mod:`pgl_bundle.handlers`, :mod:`pgl_bundle.distributed`
 - one run per output folder: :mod:`pgl_bundle.run_folder`; errors the user fixes: :mod:`pgl_bundle.errors`
 - publishing weights: :mod:`pgl_bundle.release`

@@ -209,7 +209,7 @@ def _good_items(prepared_dir: str, volumes: Sequence[dict], require_hu: bool = F
 def prepare(
     dataset_dir: str,
     prepared_dir: str,
-    hu_window: Sequence[float] = (-1024, 325),
+    hu_window: Sequence[float] = (-200, 300),  # pretrain.json's default: a prepared set loads there as is
     pixdim: Sequence[float] | None = None,
     min_size: Sequence[int] | None = (134, 134, 22),
     min_image_size: Sequence[int] | None = (96, 96, 16),
@@ -289,7 +289,7 @@ def prepare(
 
 def load_prepared(
     prepared_dir: str,
-    hu_window: Sequence[float] = (-1024, 325),
+    hu_window: Sequence[float] = (-200, 300),  # pretrain.json's default: a prepared set loads there as is
     pixdim: Sequence[float] | None = None,
     min_size: Sequence[int] | None = (134, 134, 22),
     min_image_size: Sequence[int] | None = (96, 96, 16),

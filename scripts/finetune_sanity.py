@@ -4,7 +4,7 @@
         --networks "['unet','bundle']" --windows "[[-200,300],[-1024,325]]" --iterations "[400]"
 
 Both networks run through the same ``configs/train.json`` recipe (5 labelled cases, patch 96 x 96 x 32, batch 2
-images x 2 label-balanced crops, AdamW 1e-3 with warm-up and cosine decay, Dice + CE, validation on 2 cases every
+images x 2 label-balanced crops, AdamW 1e-3 with warm-up and cosine decay, Dice + CE, validation on ``num_val_cases`` cases every
 ``val_interval`` iterations keeping the best) and ``configs/evaluate.json`` (sliding window on the original grid of the
 last 10 cases); only the network differs: the UNet is MONAI's 3D tutorial network (benchmark_finetune.py). Prints one
 line per run and writes ``sanity.csv`` (network, window, iterations, seed, case, Dice). Every run is resumable.
@@ -52,6 +52,7 @@ def main(
     iterations=(400,),
     seeds=(0,),
     num_train_cases: int = 5,
+    num_val_cases: int = 5,
     val_interval: int = 100,
     num_workers: int = 1,
     num_threads: int = 1,
@@ -70,7 +71,7 @@ def main(
                         "dataset_dir": labelled,
                         "label_names": ["background", "tumour"],
                         "num_train_cases": num_train_cases,
-                        "num_val_cases": 2,
+                        "num_val_cases": num_val_cases,
                         "num_test_cases": 10,
                         "hu_window": list(window),
                         "seed": seed,

@@ -300,7 +300,8 @@ def compare(
         "num_test_cases": settings["num_test_cases"],
         "label_names": list(label_names),
     }
-    runs = [(arm, lr, n, seed) for n in budgets for seed in seeds for arm in arms for lr in learning_rates]
+    # the learning rate is chosen on the first seed's validation Dice; the other seeds rerun the chosen rate only
+    sweep_runs = [(arm, lr, n, seeds[0]) for n in budgets for arm in arms for lr in learning_rates]
     timings = {}
 
     def run_dir(arm: Arm, lr: float, n: int, seed: int) -> str:
@@ -360,8 +361,9 @@ def compare(
             return list(tqdm(pool.map(lambda job: function(*job), jobs), total=len(jobs), desc=desc, unit="run"))
 
         each(pretrain, [(m, e) for m in ("pgl", "byol") for e in pretrain_epochs], "pretrain")
-        sweep = [(*run, dice) for run, dice in zip(runs, each(fine_tune, runs, "fine-tune"))]
+        sweep = [(*run, dice) for run, dice in zip(sweep_runs, each(fine_tune, sweep_runs, "learning-rate sweep"))]
         selected = select_learning_rates(sweep)
+        each(fine_tune, [(arm, selected[arm, n], n, seed) for arm, n in selected for seed in seeds[1:]], "seeds")
         each(test, [(arm, selected[arm, n], n, seed) for arm, n in selected for seed in seeds], "test")
     with open(os.path.join(output_dir, "timings.json"), "a") as f:
         json.dump(timings, f)

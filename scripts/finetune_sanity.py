@@ -4,10 +4,11 @@
         --networks "['unet','bundle']" --windows "[[-200,300],[-1024,325]]" --iterations "[400]"
 
 Both networks run through the same ``configs/train.json`` recipe (5 labelled cases, patch 96 x 96 x 32, batch 2
-images x 2 label-balanced crops, AdamW 1e-3 with warm-up and cosine decay, Dice + CE, validation on ``num_val_cases`` cases every
-``val_interval`` iterations keeping the best) and ``configs/evaluate.json`` (sliding window on the original grid of the
-last 10 cases); only the network differs: the UNet is MONAI's 3D tutorial network (benchmark_finetune.py). Prints one
-line per run and writes ``sanity.csv`` (network, window, iterations, seed, case, Dice). Every run is resumable.
+images x 2 label-balanced crops, AdamW 1e-3 with warm-up and cosine decay, Dice + CE, validation on
+``num_val_cases`` cases every ``val_interval`` iterations keeping the best) and ``configs/evaluate.json`` (sliding
+window on the original grid of the last 10 cases); only the network differs: the UNet is MONAI's 3D tutorial
+network (benchmark_finetune.py). Prints one line per run and writes ``sanity.csv`` (network, window, iterations,
+seed, case, Dice). Every run is resumable.
 """
 
 from __future__ import annotations

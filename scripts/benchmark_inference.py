@@ -95,8 +95,13 @@ def time_choices(image: str, overrides: dict | None = None, repeats: int = 1, th
         )
 
 
-def dice_choices(bundle_root: str, cases: list[str], overrides: dict, data: str = "../shared/data/sts") -> None:
-    """Mean foreground Dice and seconds per case of each choice for the trained ``bundle_root/models/model.pt``."""
+def dice_choices(
+    bundle_root: str, cases: list[str], overrides: dict, data: str = "../shared/data/sts", choices=None
+) -> None:
+    """Mean foreground Dice and seconds per case of each choice for the trained ``bundle_root/models/model.pt``.
+
+    ``choices``: indices into :data:`CHOICES` to run (default all); the first given is the reference.
+    """
     torch.set_num_threads(1)
     parser = _parser({"bundle_root": bundle_root, "label_names": ["background", "tumour"], **overrides})
     network = parser.get_parsed_content("network_def").eval()
@@ -112,7 +117,7 @@ def dice_choices(bundle_root: str, cases: list[str], overrides: dict, data: str 
     print(f"cases {cases}; shapes {[tuple(i.shape[2:]) for i, _ in items]}; patch {patch}; 1 thread")
     print("window | overlap | sw_batch | mean Dice | per case | s per case | speed-up | Dice - old")
     base = None
-    for scale, overlap, sw_batch in CHOICES:
+    for scale, overlap, sw_batch in [CHOICES[i] for i in choices] if choices else CHOICES:
         inferer = _inferer(patch, scale, overlap, sw_batch)
         if any(r % s for r, s in zip(inferer.roi_size, network.encoder.output_stride)):
             print(f"{'x'.join(map(str, inferer.roi_size))} | {overlap} | {sw_batch} | not a multiple of the stride")

@@ -59,6 +59,8 @@ def test_probe_workflow_trains_only_the_head(repo_root, tmp_path, shared_data):
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in network.head.state_dict().items()}
     workflow.parser.get_parsed_content("train#trainer").run()
+    # the head's learning rate decays on a cosine to 0 at the last of probe_iterations (3 here)
+    assert workflow.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
     assert not network.encoder.training and all(p.grad is None for p in network.encoder.parameters())
     changed = [k for k, v in network.encoder.state_dict().items() if not torch.equal(v, encoder_before[k])]
     assert changed == [], f"frozen encoder changed: {changed[:5]}"

@@ -116,6 +116,8 @@ PRESETS: dict[str, dict] = {
         "seeds": [0, 1, 2],
         "num_val_cases": 2,
         "num_test_cases": 10,
+        "parallel": 2,  # two stages at a time, one thread each: one per core
+        "threads_per_stage": 1,
     },
     # one H100/H200, at most 10 minutes, ResNet-50 at the paper's pretraining patch (estimate: docs/results.md)
     "gpu-10min": {
@@ -177,8 +179,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: str = "run") -> None:
-    """``python -m monai.bundle run`` in a subprocess; its log is appended to ``bundle_root/log.txt``."""
+def _run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: str = "run", threads: int = 0) -> None:
+    """``python -m monai.bundle run`` in a subprocess; its log is appended to ``bundle_root/log.txt``.
+
+    ``threads``: the subprocess's ``OMP_NUM_THREADS`` (torch's intra-op threads, and its data workers'); 0: inherited.
+    """
     files = "[" + ",".join(repr(os.path.join(_ROOT, c)) for c in configs) + "]"
     cmd = [
         sys.executable,
@@ -199,7 +204,8 @@ def _run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: s
     with open(os.path.join(bundle_root, "log.txt"), "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        result = subprocess.run(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        result = subprocess.run(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         with open(os.path.join(bundle_root, "log.txt")) as log:
             tail = log.read()[-3000:]  # the failed run's output is the end of the log
@@ -272,6 +278,7 @@ def compare(
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
     """
     settings = PRESETS[preset]
+    threads = settings.get("threads_per_stage", 0)
     budgets, seeds = budgets or settings["budgets"], seeds or settings["seeds"]
     pretrain_epochs = pretrain_epochs or settings["pretrain_epochs"]
     learning_rates = learning_rates or settings["learning_rates"]
@@ -332,6 +339,7 @@ def compare(
                     "resume_from": "latest",
                 },
                 run_id="training",
+                threads=threads,
             )
             timings[root] = time.time() - start
 
@@ -340,7 +348,7 @@ def compare(
         done = os.path.join(root, "validation.json")
         if not os.path.isfile(done):
             start = time.time()
-            _run_bundle(CONFIGS["train"], root, overrides(arm, lr, n, seed))
+            _run_bundle(CONFIGS["train"], root, overrides(arm, lr, n, seed), threads=threads)
             with open(done, "w") as f:
                 json.dump({"best_val_mean_dice": _best_validation_dice(root)}, f)
             timings[root] = time.time() - start
@@ -351,7 +359,7 @@ def compare(
         root = run_dir(arm, lr, n, seed)
         if not os.path.isfile(os.path.join(root, "eval", "val_mean_dice_raw.csv")):
             start = time.time()
-            _run_bundle(CONFIGS["evaluate"], root, overrides(arm, lr, n, seed))
+            _run_bundle(CONFIGS["evaluate"], root, overrides(arm, lr, n, seed), threads=threads)
             timings[root + "/eval"] = time.time() - start
 
     # stages are subprocesses: `parallel` of them share the machine (several small runs fill one GPU)

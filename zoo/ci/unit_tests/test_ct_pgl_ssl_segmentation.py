@@ -30,7 +30,8 @@ SMALL = {
     "patch_size": [32, 32, 16],
     "num_workers": 0,
 }
-SEGMENTATION = {**SMALL, "decoder_channels": [8, 8, 8, 8, 8], "batch_size": 1, "num_samples": 1, "cache_rate": 0.0}
+NETWORK = {**SMALL, "decoder_channels": [8, 8, 8, 8, 8]}  # the segmentation network: train, evaluate, infer
+SEGMENTATION = {**NETWORK, "batch_size": 1, "num_samples": 1, "cache_rate": 0.0}
 ORDER = ("pretrain", "train", "evaluate", "infer")
 
 
@@ -86,7 +87,7 @@ class TestCTPGLSSLSegmentation(unittest.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(self.bundle_root, "eval", "metrics.csv")))
 
     def test_infer_config(self):
-        check_workflow(workflow(self.bundle_root, "infer", ["inference.json"], **SMALL), check_properties=True)
+        check_workflow(workflow(self.bundle_root, "infer", ["inference.json"], **NETWORK), check_properties=True)
         masks = [name for _, _, files in os.walk(os.path.join(self.bundle_root, "eval")) for name in files]
         self.assertTrue(any(name.endswith("_seg.nii.gz") for name in masks), masks)
 

@@ -13,7 +13,6 @@ Commands:
 import logging
 
 import fire
-
 from pgl_bundle.compare import compare
 from pgl_bundle.data import make_synthetic_dataset, prepare
 from pgl_bundle.probe_curve import probe_curve

@@ -30,10 +30,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from pgl_bundle.data import load_datalist
 from pgl_bundle.stats import paired_bootstrap
+from tqdm import tqdm
 
 __all__ = ["PRESETS", "Arm", "compare", "select_learning_rates"]
 

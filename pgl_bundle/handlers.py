@@ -34,11 +34,10 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
-from torch import nn
-
 from pgl_bundle.distributed import ResumableSampler
 from pgl_bundle.errors import DiskSpaceError
 from pgl_bundle.run_folder import read_run_id
+from torch import nn
 
 __all__ = [
     "AtomicCheckpointSaver",

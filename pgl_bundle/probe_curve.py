@@ -25,11 +25,10 @@ import os
 import statistics
 from collections.abc import Sequence
 
-from tqdm import tqdm
-
 from pgl_bundle.compare import CONFIGS, PRESETS, _run_bundle, _write_datalist
 from pgl_bundle.data import load_datalist
 from pgl_bundle.handlers import _checkpoint_run
+from tqdm import tqdm
 
 __all__ = ["checkpoints_by_iteration", "probe_curve"]
 

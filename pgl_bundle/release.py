@@ -20,6 +20,7 @@ import os
 import zipfile
 
 import yaml
+from pgl_bundle.errors import BadInputError
 
 __all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "require_weights", "write_large_files"]
 
@@ -84,6 +85,20 @@ def write_large_files(base_url: str, bundle_root: str = ".", output: str | None 
     return output
 
 
+def _require_published(large_files: str) -> None:
+    """Stop unless every weight ``large_files`` lists has a hash: the placeholder shipped in the repository has
+    none, and its URLs lead nowhere, so a zip (or model-zoo submission) with it cannot fetch weights; the zoo's CI
+    stops at its first check, downloading them."""
+    with open(large_files) as f:
+        entries = (yaml.safe_load(f) or {}).get("large_files") or []
+    unpublished = [entry.get("path") for entry in entries if not entry.get("hash_val")]
+    if unpublished or not entries:
+        raise BadInputError(
+            f"{large_files}: weights {unpublished or 'none listed'} have no published URL and hash (the placeholder); "
+            "run `python -m pgl_bundle publish --base_url <release_url>` with the trained weights in models/ first."
+        )
+
+
 def pack(output: str, bundle_root: str = ".", name: str = BUNDLE_NAME, large_files: str | None = None) -> str:
     """Zip the bundle as ``monai.bundle download`` expects: one top folder ``name`` holding the bundle, no weights.
 
@@ -95,11 +110,17 @@ def pack(output: str, bundle_root: str = ".", name: str = BUNDLE_NAME, large_fil
 
     Returns:
         ``output``.
+
+    Raises:
+        BadInputError: the ``large_files.yml`` to pack is the placeholder (an entry without ``hash_val``), not one
+            written by :func:`write_large_files` for published weights.
     """
+    large_files = large_files or os.path.join(bundle_root, "large_files.yml")
+    _require_published(large_files)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as archive:
         for entry in BUNDLE_FILES:
-            source = large_files if entry == "large_files.yml" and large_files else os.path.join(bundle_root, entry)
+            source = large_files if entry == "large_files.yml" else os.path.join(bundle_root, entry)
             if os.path.isfile(source):
                 archive.write(source, f"{name}/{entry}")
             for folder, dirs, files in os.walk(source):

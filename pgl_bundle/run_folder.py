@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-
 from pgl_bundle.errors import OutputExistsError
 
 __all__ = ["RunFolder", "read_run_id"]

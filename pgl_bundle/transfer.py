@@ -17,9 +17,8 @@ from collections.abc import Mapping
 import torch
 from ignite.engine import Engine, Events
 from monai.networks.nets import ResNet
-from torch import nn
-
 from pgl_bundle.errors import require_file
+from torch import nn
 
 __all__ = [
     "FreezeEncoder",

@@ -235,7 +235,6 @@ def _drop_page_cache() -> bool:
 def dtypes(sources: str = "../shared/data/unlabeled", crops: int = 20, seed: int = 0) -> None:
     """Stored dtype / layout table: int16 HU vs float16 and uint8 windowed, plain .npy read through memory maps."""
     from monai.transforms import Compose, LoadImaged
-
     from pgl_bundle.data import deterministic_transforms, load_datalist
 
     low, high = WINDOW
@@ -307,7 +306,6 @@ def views(image: str = "../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz", second
     windowed volume in RAM (old path) vs from the int16 memory map, windowed per crop (prepared path); alternated."""
     import torch
     from monai.transforms import Compose, LoadImaged, ScaleIntensityRanged
-
     from pgl_bundle import RandPGLIntensityd, RandPGLViewsd
     from pgl_bundle.data import LoadPreparedd, deterministic_transforms, prepare
 

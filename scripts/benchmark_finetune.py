@@ -21,10 +21,9 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.blocks import UnetBasicBlock, UpSample
 from monai.networks.nets import UNet
+from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
 
 SMALL = {"layers": (1, 1, 1, 1), "block": "bottleneck", "block_inplanes": (32, 64, 128, 256)}
 RESNET50 = {"layers": (3, 4, 6, 3), "block": "bottleneck", "block_inplanes": (64, 128, 256, 512)}

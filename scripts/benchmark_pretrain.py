@@ -32,10 +32,9 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRanged,
 )
-from torch.utils.flop_counter import FlopCounterMode
-
 from pgl_bundle import RandPGLIntensityd, RandPGLViewsd
 from pgl_bundle.data import deterministic_transforms
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def _preprocessed(image: str):

@@ -19,7 +19,6 @@ import re
 import statistics
 
 import fire
-
 from pgl_bundle.compare import CONFIGS, _mean_dice_per_case, _run_bundle
 
 UNET = {

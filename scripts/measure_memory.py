@@ -20,7 +20,6 @@ import fire
 import torch
 from monai.bundle import ConfigParser
 from monai.data import list_data_collate
-
 from pgl_bundle import ConsistencyLoss, RandPGLViewsd
 
 SETTINGS = {

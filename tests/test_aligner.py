@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from pgl_bundle.networks import PriorGuidedAligner
 from pgl_bundle.networks import aligner as aligner_module
 from pgl_bundle.networks.encoder import feature_center_offset

@@ -8,7 +8,6 @@ import re
 
 import pytest
 from monai.bundle import ConfigWorkflow
-
 from pgl_bundle.compare import PRESETS, Arm, _arms, _best_validation_dice, compare, select_learning_rates
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from monai.bundle import ConfigParser
-
 from pgl_bundle.data import make_synthetic_dataset
 from pgl_bundle.networks import PGLResNetEncoder
 

@@ -8,7 +8,6 @@ import itk
 import pytest
 import torch
 from monai.transforms import Compose, LoadImaged, ScaleIntensityRanged
-
 from pgl_bundle.data import deterministic_transforms, load_datalist, make_synthetic_dataset
 
 

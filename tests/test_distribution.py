@@ -18,7 +18,6 @@ import yaml
 from monai.apps.utils import HashCheckError
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import download_large_files
-
 from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
 from pgl_bundle.release import BUNDLE_NAME, WEIGHTS, pack, write_large_files
 

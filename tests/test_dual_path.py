@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from pgl_bundle.losses import ConsistencyLoss, consistency
 from pgl_bundle.networks import (
     Branch,

@@ -9,10 +9,9 @@ import pytest
 import torch
 from ignite.handlers import EMAHandler
 from monai.engines import SupervisedTrainer
-from test_dual_path import geometry, small_network
-
 from pgl_bundle import ConsistencyLoss, ForeachEMAHandler, PrepareViews, TargetMomentumSchedule, byol_momentum
 from pgl_bundle.networks import DualPathNetwork
+from test_dual_path import geometry, small_network
 
 
 def test_byol_schedule_values():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import ResNet
-
 from pgl_bundle.networks import PGLResNetEncoder, feature_center_offset
 
 

@@ -17,10 +17,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_PRETRAIN
-
 from pgl_bundle.data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset
 from pgl_bundle.networks import PGLResNetEncoder
+from tiny import TINY_PRETRAIN
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from pgl_bundle.intensity import RandPGLIntensityd
 
 OFF = {"noise_prob": 0.0, "blur_prob": 0.0, "contrast_prob": 0.0, "gamma_prob": 0.0}

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from tiny import TINY_PRETRAIN
-
 from pgl_bundle.data import make_synthetic_dataset
+from tiny import TINY_PRETRAIN
 
 TINY_TRAIN = {
     "encoder_layers": [1, 1, 1, 1],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from pgl_bundle.networks import PGLResNetEncoder
 
 SMALL = {"layers": (1, 1, 1, 1), "block_inplanes": (8, 8, 8, 8)}

@@ -16,10 +16,9 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, LoadImaged, RandGaussianNoise, ScaleIntensityRanged
-from tiny import TINY_PRETRAIN
-
 from pgl_bundle import EpochSeededDataset, RandPGLViewsd
 from pgl_bundle.data import LoadPreparedd, deterministic_transforms, load_prepared, prepare, training_datalist
+from tiny import TINY_PRETRAIN
 
 WINDOW = (-1024, 325)
 PAD = (134, 134, 22)
@@ -288,7 +287,6 @@ def test_prepare_warns_about_volumes_that_are_not_hounsfield_units(shared_data, 
     """Pretraining reads prepared data, so the prepare pass warns per file about an MR-like volume (values 36..3632,
     no air), at every run, and refuses it with require_hu; the real CT beside it passes."""
     import nibabel as nib
-
     from pgl_bundle.errors import BadInputError
 
     ct = nib.load(shared_data / "sts" / "STS_001" / "CT_image.nii.gz")

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
-
 from pgl_bundle.networks import PGLResNetEncoder
 
 SMALL = ["--encoder_layers", "[1,1,1,1]", "--patch_size", "[64,64,16]", "--hidden_channels", "512"]

@@ -14,10 +14,9 @@ import pytest
 import torch
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoise
-from tiny import TINY_PRETRAIN
-
 from pgl_bundle import EpochSeededDataset, ResumableSampler, latest_checkpoint
 from pgl_bundle.data import make_synthetic_dataset
+from tiny import TINY_PRETRAIN
 
 # 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3
 RUN = {

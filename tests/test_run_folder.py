@@ -19,13 +19,12 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
-from tiny import TINY_PRETRAIN
-from torch.utils.data import DataLoader
-
 from pgl_bundle import AtomicCheckpointSaver, check_epoch_length, check_free_space, latest_checkpoint, resolve_resume
 from pgl_bundle.data import make_synthetic_dataset
 from pgl_bundle.errors import BadInputError, DiskSpaceError, OutputExistsError, user_error_in_chain
 from pgl_bundle.handlers import checkpoint_bytes
+from tiny import TINY_PRETRAIN
+from torch.utils.data import DataLoader
 
 TINY = {
     **TINY_PRETRAIN,

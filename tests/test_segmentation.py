@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
 
 SMALL_ENCODER = {"layers": (1, 1, 1, 1), "block": "basic", "block_inplanes": (8, 16, 32, 64)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from pgl_bundle.stats import paired_bootstrap
 
 

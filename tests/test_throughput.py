@@ -10,7 +10,6 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
-
 from pgl_bundle import NoLossScalingForBF16, ThroughputHandler
 from pgl_bundle.data import make_synthetic_dataset
 

@@ -9,7 +9,6 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import FlexibleUNet, ResNet, UNet
-
 from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
 from pgl_bundle.transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
 

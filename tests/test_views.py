@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, MetaTensor
-
 from pgl_bundle.views import GEOMETRY_END, GEOMETRY_FLIP, GEOMETRY_SCALE, GEOMETRY_START, RandPGLViewsd, overlap_ratio
 
 ROI = np.array([96, 96, 16])

@@ -24,11 +24,10 @@ import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, Orientation
-from torch import nn
-from torch.utils.data import DataLoader
-
 from pgl_bundle.data.datalist import dicom_series
 from pgl_bundle.errors import BadInputError, require_file
+from torch import nn
+from torch.utils.data import DataLoader
 
 __all__ = ["check_checkpoint", "check_datalist", "check_epoch_length", "check_hounsfield", "check_image", "check_label"]
 

@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 
 from monai.data import load_decathlon_datalist
-
 from pgl_bundle.errors import BadInputError, InputNotFoundError, found_instead
 
 __all__ = ["IMAGE_SUFFIXES", "dicom_series", "find_images", "load_datalist"]

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pgl_bundle.views import GEOMETRY_END, GEOMETRY_FLIP, GEOMETRY_SCALE, GEOMETRY_START
+from torch import nn
 
 __all__ = ["PriorGuidedAligner", "csalign_boxes", "flip_align", "roi_align_3d"]
 

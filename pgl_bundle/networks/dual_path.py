@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from pgl_bundle.networks.aligner import PriorGuidedAligner
+from torch import nn
 
 __all__ = ["Branch", "DualPathNetwork"]
 

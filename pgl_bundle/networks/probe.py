@@ -16,9 +16,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pgl_bundle.networks.encoder import PGLResNetEncoder, feature_center_offset
+from torch import nn
 
 __all__ = ["DenseProbe", "DenseProbeHead", "feature_grid"]
 

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock, UpSample
-from torch import nn
-
 from pgl_bundle.networks.encoder import PGLResNetEncoder
+from torch import nn
 
 __all__ = ["DecoderStage", "PGLSegmentationNet"]
 

@@ -219,6 +219,7 @@ def scale(
         f"mean preprocessed volume: {voxels / 1e6:.1f} Mvoxels = {voxels * 4 / 1e6:.0f} MB float32, "
         f"{voxels * 2 / 1e6:.0f} MB int16 (of {len(shapes)}; source {len(load_datalist(folder))} volumes)"
     )
+    prepared = {"prepared_dir": prepared_dir, "hu_window": list(WINDOW)}  # the window the folder was prepared for
     print("path      N  procs  startup_s  rss_gb  pss_anon_gb  processes")
     for n in sorted(set(sizes) | set(old_sizes)):
         for processes in (1, 2):
@@ -226,7 +227,7 @@ def scale(
             if n in old_sizes and n * voxels * 4 / 1e9 * processes <= old_max_processes_gb:
                 runs.append(("old", old, {"dataset_dir": folder, "num_volumes": n}))
             if n in sizes:
-                runs.append(("prepared", new, {"prepared_dir": prepared_dir, "num_volumes": n}))
+                runs.append(("prepared", new, {**prepared, "num_volumes": n}))
             for name, configs, overrides in runs:
                 r = _startup(configs, processes, overrides, work)
                 print(
@@ -234,9 +235,9 @@ def scale(
                     f"{r['pss_anon_gb']:12.2f} {r['processes']:10d}",
                     flush=True,
                 )
-    new_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds)
+    new_rate = _pairs_per_second(new, {**prepared, "num_volumes": max(sizes)}, seconds)
     print(f"view pairs/s, one DataLoader worker, 96x96x16: prepared (N={max(sizes)}, memory maps) {new_rate:.1f}")
-    cpu_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds, 0)
+    cpu_rate = _pairs_per_second(new, {**prepared, "num_volumes": max(sizes)}, seconds, 0)
     print(f"view pairs per CPU-second (one thread, no worker), 96x96x16: prepared {cpu_rate:.1f}")
     if old_sizes:  # the old path caches its N volumes in this process first: its smallest N
         old_rate = _pairs_per_second(old, {"dataset_dir": folder, "num_volumes": min(old_sizes)}, seconds)

@@ -83,13 +83,13 @@ def deterministic_transforms(
 class PreparedVolume:
     """A prepared ``(C, x, y, z)`` ``.npy`` array on disk, read box by box with positional reads (``os.preadv``).
 
-    Slicing it with unit-step slices (``volume[:, x0:x1, y0:y1, z0:z1]``) returns a numpy array of that box and
-    reads nothing else: for each ``(c, x)`` the rows ``y0:y1`` (whole ``z`` rows, contiguous in the file; the same
-    pages a memory map of the box would touch), through the OS page cache, which all DataLoader workers and ranks of
-    the machine share. Hand-written instead of a fresh ``np.load(mmap_mode="r")`` per sample: mapping a volume,
-    faulting the box's pages in and unmapping it again costs about twice the CPU of reading the same pages
-    (docs/benchmarks.md, section 5), and no mapped page stays counted in the process's RSS. ``np.asarray(volume)``
-    gives the whole array as a read-only memory map.
+    Slicing it with unit-step slices (``volume[:, x0:x1, y0:y1, z0:z1]``) returns a new C-ordered numpy array of
+    that box and reads nothing else: for each ``(c, x)`` the rows ``y0:y1`` (whole ``z`` rows, contiguous in the
+    file; the same pages a memory map of the box would touch), through the OS page cache, which all DataLoader
+    workers and ranks of the machine share. Hand-written instead of a fresh ``np.load(mmap_mode="r")`` per sample:
+    mapping a volume, faulting the box's pages in and unmapping it again costs about twice the CPU of reading the
+    same pages (docs/benchmarks.md, section 5), and no mapped page stays counted in the process's RSS.
+    ``np.asarray(volume)`` gives the whole array as a read-only memory map.
 
     Args:
         path: a ``.npy`` file written by :func:`prepare` (C order).
@@ -125,17 +125,19 @@ class PreparedVolume:
         if not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
             return np.asarray(self)[index]  # anything but a box: through a memory map
         bounds = [range(*i.indices(n)[:2]) for i, n in zip(index, self.shape)]
-        rows = np.empty([len(r) for r in bounds[:-1]] + [self.shape[-1]], self.dtype)  # whole last-axis rows
-        if rows.size:
-            # file offset of each run of rows (one per index of the outer axes: their rows y0:y1 are contiguous)
+        box = np.empty([len(r) for r in bounds], self.dtype)
+        if box.size:
+            # one run of whole last-axis rows y0:y1 per index of the outer axes (contiguous in the file), read into
+            # a small reused buffer whose z0:z1 part is copied out (less CPU than reading whole rows into a larger box)
             outer = np.ravel_multi_index(np.ix_(*bounds[:-2]), self.shape[:-2]).ravel()
             starts = self.offset + (outer * self.shape[-2] + bounds[-2].start) * self.shape[-1] * self.dtype.itemsize
-            runs = rows.reshape(len(outer), -1)
+            run, (z0, z1) = np.empty((len(bounds[-2]), self.shape[-1]), self.dtype), (bounds[-1].start, bounds[-1].stop)
             with open(self.filename, "rb", buffering=0) as f:
-                for run, start in zip(runs, starts.tolist()):
+                for out, start in zip(box.reshape(len(outer), *box.shape[-2:]), starts.tolist()):
                     if os.preadv(f.fileno(), [run], start) != run.nbytes:
                         raise BadInputError(f"{self.filename}: shorter than its header says (truncated?).")
-        return rows[..., bounds[-1].start : bounds[-1].stop]
+                    out[...] = run[:, z0:z1]
+        return box
 
 
 class LoadPreparedd(MapTransform):

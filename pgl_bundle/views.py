@@ -19,6 +19,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 
+from .data.prepared import PreparedVolume
+
 __all__ = ["GEOMETRY_ROWS", "GEOMETRY_START", "GEOMETRY_END", "GEOMETRY_SCALE", "GEOMETRY_FLIP", "RandPGLViewsd"]
 
 # A view's geometry is one float tensor of shape (4, 3): a row per quantity, a column per spatial axis.
@@ -55,9 +57,9 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
     - ``view1_geometry``, ``view2_geometry``: ``(4, 3)`` float tensors, rows :data:`GEOMETRY_ROWS`:
       box start and end in source voxels, resize factor ``roi_size / crop_size``, flip flag (0 or 1).
 
-    The source key is removed (volumes of different shapes cannot be batched). It may be a tensor or a numpy array,
-    e.g. a memory map of a prepared volume (:class:`~pgl_bundle.data.prepared.LoadPreparedd`): then only the two
-    boxes are read from it.
+    The source key is removed (volumes of different shapes cannot be batched). It may be a tensor, a numpy array
+    (e.g. a memory map) or a prepared volume on disk (:class:`~pgl_bundle.data.prepared.PreparedVolume`, from
+    :class:`~pgl_bundle.data.prepared.LoadPreparedd`): then only the two boxes are read from it.
 
     Args:
         keys: the source image key (one key).
@@ -140,7 +142,9 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
             f"in {n * self.max_tries} draws."
         )
 
-    def _make_view(self, image: torch.Tensor | np.ndarray, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_view(
+        self, image: torch.Tensor | np.ndarray | PreparedVolume, view: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         start, end, flip = self._starts[view], self._ends[view], self._flips[view]
         crop = image[:, start[0] : end[0], start[1] : end[1], start[2] : end[2]]
         crop = torch.from_numpy(np.ascontiguousarray(crop)) if isinstance(crop, np.ndarray) else crop
@@ -169,8 +173,8 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
         self.randomize(image.shape[1:], name=str(name))
         if isinstance(image, MetaTensor):
             source = image.as_tensor()
-        else:  # a numpy array (memory map) stays one: _make_view copies only the boxes
-            source = image if isinstance(image, np.ndarray) else torch.as_tensor(image)
+        else:  # a numpy array, memory map or prepared volume on disk stays one: _make_view copies only the boxes
+            source = image if isinstance(image, (np.ndarray, PreparedVolume)) else torch.as_tensor(image)
         for view, view_key in enumerate(self.view_keys):
             d[view_key], d[f"{view_key}_geometry"] = self._make_view(source, view)
         return d

@@ -36,33 +36,59 @@ TINY = {
     "max_epochs": 1,
 }
 WINDOW = (-1024, 325)
+BASE_COMMIT = "9ed5bd0"  # before box reads by positional reads (issue 9, second session): the "old" of startup/loader
+# what every `python -m monai.bundle run` of pretraining imports before any of its own work: MONAI (all of it, by its
+# __init__), torch, ignite, torch._dynamo (imported by any torch.optim optimizer's constructor) and pgl_bundle
+FLOOR = {
+    "imports": ["$import torch", "$import ignite", "$import torch._dynamo", "$import pgl_bundle"],
+    "probe": ["$import benchmark_data", "$benchmark_data.floor_probe()"],
+}
+
+
+def _smaps(pid: int) -> dict[str, float]:
+    """GB of ``/proc/<pid>/smaps_rollup``'s Rss, Pss, Pss_Anon and Pss_File."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+    return {name: fields[name] / 2**20 for name in ("Rss", "Pss", "Pss_Anon", "Pss_File")}
 
 
 def _memory(pid: int) -> dict[str, float]:
-    """GB of RSS and anonymous PSS of ``pid`` and all its descendants (DataLoader workers)."""
+    """GB of RSS and PSS (all, anonymous, file-backed) of ``pid`` and of its descendants (DataLoader workers)."""
     pids, i = [pid], 0
     while i < len(pids):
         for task in os.listdir(f"/proc/{pids[i]}/task"):
             with open(f"/proc/{pids[i]}/task/{task}/children") as f:
                 pids += [int(p) for p in f.read().split()]
         i += 1
-    total = {"rss_gb": 0.0, "pss_anon_gb": 0.0, "processes": len(pids)}
-    for p in pids:
-        with open(f"/proc/{p}/smaps_rollup") as f:
-            fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
-        total["rss_gb"] += fields["Rss"] / 2**20
-        total["pss_anon_gb"] += fields["Pss_Anon"] / 2**20
+    total = {"processes": len(pids)}
+    for role, members in (("rank", pids[:1]), ("workers", pids[1:])):
+        for p in members:
+            for name, gb in _smaps(p).items():
+                for key in (f"{name.lower()}_gb", f"{role}_{name.lower()}_gb"):
+                    total[key] = total.get(key, 0.0) + gb
     return total
 
 
 def first_step(engine) -> None:
-    """Probe attached to the trainer (see :func:`_probe_config`): record start-up time and memory, then stop."""
+    """Probe attached to the trainer (see :func:`_probe_config`): start-up time at the end of the first iteration;
+    memory after ``BENCH_MEMORY_AT`` iterations (DataLoader workers in steady state), then stop."""
     import ignite.distributed as idist
 
-    record = {"startup_s": time.time() - float(os.environ["BENCH_T0"]), **_memory(os.getpid())}
+    if engine.state.iteration == 1:
+        os.environ["BENCH_STARTUP_S"] = repr(time.time() - float(os.environ["BENCH_T0"]))
+    if engine.state.iteration < int(os.environ.get("BENCH_MEMORY_AT", "1")):
+        return
+    record = {"startup_s": float(os.environ["BENCH_STARTUP_S"]), **_memory(os.getpid())}
     with open(f"{os.environ['BENCH_OUT']}.rank{idist.get_rank()}", "w") as f:
         json.dump(record, f)
     engine.terminate()
+
+
+def floor_probe() -> None:
+    """Probe of :data:`FLOOR`: time and memory once the imports that any bundle run pays are done."""
+    record = {"startup_s": time.time() - float(os.environ["BENCH_T0"]), **_memory(os.getpid())}
+    with open(f"{os.environ['BENCH_OUT']}.rank{os.environ.get('RANK', '0')}", "w") as f:
+        json.dump(record, f)
 
 
 def _probe_config(folder: str) -> str:
@@ -73,7 +99,7 @@ def _probe_config(folder: str) -> str:
                 "probe": [
                     "$import benchmark_data",
                     "$@train#trainer.add_event_handler("
-                    "ignite.engine.Events.ITERATION_COMPLETED(once=1), benchmark_data.first_step)",
+                    "ignite.engine.Events.ITERATION_COMPLETED, benchmark_data.first_step)",
                     "$@train#trainer.run()",
                 ]
             },
@@ -95,10 +121,13 @@ def _old_configs(folder: str) -> list[str]:
     return paths
 
 
-def _startup(configs: list[str], processes: int, overrides: dict, folder: str) -> dict:
-    """Launch a bundle run (torchrun when ``processes`` > 1) with the probe; return summed figures over ranks."""
+def _startup(configs: list[str], processes: int, overrides: dict, folder: str, tree: str = "", probe: str = "") -> dict:
+    """Launch a bundle run (torchrun when ``processes`` > 1) with the probe; return summed figures over ranks.
+
+    ``tree``: the source tree whose ``pgl_bundle`` runs (default: this one); ``probe``: the probe config (default:
+    :func:`_probe_config`)."""
     out = os.path.join(folder, f"probe_{time.time_ns()}")
-    configs = configs[:1] + (configs[1:] if processes > 1 else []) + [_probe_config(folder)]
+    configs = configs[:1] + (configs[1:] if processes > 1 else []) + [probe or _probe_config(folder)]
     args = [a for k, v in {**TINY, **overrides}.items() for a in (f"--{k}", json.dumps(v))]
     bundle = [
         "-m",
@@ -118,18 +147,13 @@ def _startup(configs: list[str], processes: int, overrides: dict, folder: str) -
         "BENCH_T0": repr(time.time()),
         "BENCH_OUT": out,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), scripts, os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [tree or os.getcwd(), scripts, os.environ.get("PYTHONPATH")])),
     }
     result = subprocess.run([sys.executable, *launcher, *bundle], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     ranks = [json.load(open(f"{out}.rank{r}")) for r in range(processes)]
-    return {
-        "startup_s": max(r["startup_s"] for r in ranks),
-        "rss_gb": sum(r["rss_gb"] for r in ranks),
-        "pss_anon_gb": sum(r["pss_anon_gb"] for r in ranks),
-        "processes": sum(r["processes"] for r in ranks),
-    }
+    return {k: (max if k == "startup_s" else sum)(r[k] for r in ranks) for k in ranks[0]}
 
 
 def _pairs_per_second(configs: list[str], overrides: dict, seconds: float, num_workers: int = 1) -> float:
@@ -195,6 +219,7 @@ def scale(
         f"mean preprocessed volume: {voxels / 1e6:.1f} Mvoxels = {voxels * 4 / 1e6:.0f} MB float32, "
         f"{voxels * 2 / 1e6:.0f} MB int16 (of {len(shapes)}; source {len(load_datalist(folder))} volumes)"
     )
+    prepared = {"prepared_dir": prepared_dir, "hu_window": list(WINDOW)}  # the window the folder was prepared for
     print("path      N  procs  startup_s  rss_gb  pss_anon_gb  processes")
     for n in sorted(set(sizes) | set(old_sizes)):
         for processes in (1, 2):
@@ -202,7 +227,7 @@ def scale(
             if n in old_sizes and n * voxels * 4 / 1e9 * processes <= old_max_processes_gb:
                 runs.append(("old", old, {"dataset_dir": folder, "num_volumes": n}))
             if n in sizes:
-                runs.append(("prepared", new, {"prepared_dir": prepared_dir, "num_volumes": n}))
+                runs.append(("prepared", new, {**prepared, "num_volumes": n}))
             for name, configs, overrides in runs:
                 r = _startup(configs, processes, overrides, work)
                 print(
@@ -210,9 +235,9 @@ def scale(
                     f"{r['pss_anon_gb']:12.2f} {r['processes']:10d}",
                     flush=True,
                 )
-    new_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds)
+    new_rate = _pairs_per_second(new, {**prepared, "num_volumes": max(sizes)}, seconds)
     print(f"view pairs/s, one DataLoader worker, 96x96x16: prepared (N={max(sizes)}, memory maps) {new_rate:.1f}")
-    cpu_rate = _pairs_per_second(new, {"prepared_dir": prepared_dir, "num_volumes": max(sizes)}, seconds, 0)
+    cpu_rate = _pairs_per_second(new, {**prepared, "num_volumes": max(sizes)}, seconds, 0)
     print(f"view pairs per CPU-second (one thread, no worker), 96x96x16: prepared {cpu_rate:.1f}")
     if old_sizes:  # the old path caches its N volumes in this process first: its smallest N
         old_rate = _pairs_per_second(old, {"dataset_dir": folder, "num_volumes": min(old_sizes)}, seconds)
@@ -342,5 +367,150 @@ def views(image: str = "../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz", second
     print(f"prepared / old: {new / old:.2f}")
 
 
+def _tree(commit: str) -> str:
+    """``pgl_bundle`` and ``configs`` of ``commit`` in a temporary folder, to run that code side by side."""
+    folder = tempfile.mkdtemp(prefix=f"benchmark_data_{commit}_")
+    archive = subprocess.run(["git", "archive", commit, "pgl_bundle", "configs"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder
+
+
+def startup(prepared_dir: str, num_volumes: int = 100, rounds: int = 2, memory_at: int = 20, old: str = BASE_COMMIT):
+    """Start-up and memory of the prepared path, ``old`` commit vs this tree, and the import floor, alternated.
+
+    Start-up: launch to the end of the first step (tiny encoder); memory after ``memory_at`` steps (DataLoader
+    workers in steady state), 1 and 2 (torchrun, gloo) processes. Floor: ``python -m monai.bundle run`` of a config
+    that only imports (:data:`FLOOR`), i.e. what no change to this bundle can remove."""
+    work = tempfile.mkdtemp(prefix="benchmark_startup_")
+    floor = os.path.join(work, "floor.json")
+    with open(floor, "w") as f:
+        json.dump(FLOOR, f)
+    old_tree = _tree(old)
+    trees = {"floor": ("", floor), f"old ({old})": (old_tree, ""), "new": (os.getcwd(), "")}
+    overrides = {"prepared_dir": prepared_dir, "num_volumes": num_volumes, "hu_window": list(WINDOW)}
+    os.environ["BENCH_MEMORY_AT"] = str(memory_at)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(rounds):
+        for processes in (1, 2):
+            for name, (tree, probe) in trees.items():
+                configs = (
+                    []
+                    if probe
+                    else [os.path.join(tree, "configs", c) for c in ("pretrain.json", "multi_gpu_pretrain.json")]
+                )
+                runs.setdefault((name, processes), []).append(
+                    _startup(configs, processes, overrides, work, tree, probe)
+                )
+    keys = ["startup_s", "rss_gb", "pss_gb", "pss_anon_gb", "rank_pss_anon_gb", "workers_pss_anon_gb", "workers_rss_gb"]
+    print(f"N={num_volumes}, {rounds} rounds alternated; memory after {memory_at} steps; GB summed over processes")
+    print(f"{'code':14s} procs " + " ".join(f"{k:>20s}" for k in keys))
+    mean = {run: {k: float(np.mean([r.get(k, 0.0) for r in rs])) for k in keys} for run, rs in runs.items()}
+    for (name, processes), rs in runs.items():
+        cells = [f"{mean[name, processes][k]:8.2f} ({'/'.join(f'{r.get(k, 0.0):.2f}' for r in rs)})" for k in keys]
+        print(f"{name:14s} {processes:5d} " + " ".join(f"{c:>20s}" for c in cells))
+    for name in trees:
+        one, two = mean[name, 1], mean[name, 2]
+        print(f"{name}: 2 processes / 1: " + ", ".join(f"{k} {two[k] / one[k]:.2f}x" for k in keys[1:4]))
+    new, previous = mean["new", 1], mean[f"old ({old})", 1]
+    ratios = {k: new[k] / previous[k] for k in ("startup_s", "pss_gb", "workers_pss_anon_gb")}
+    print("new / old, 1 process: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(f"floor / new start-up, 1 process: {mean['floor', 1]['startup_s'] / new['startup_s']:.2f}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float) -> None:
+    """One side of :func:`loader` (run in a process whose ``pgl_bundle`` is that side's): prints one JSON line."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    torch.set_num_threads(1)
+    parser = ConfigParser()
+    parser.read_config(config)
+    overrides = {"prepared_dir": prepared_dir, "num_volumes": num_volumes, "hu_window": list(WINDOW)}
+    parser.update({**TINY, **overrides, "num_workers": 1, "batch_size": 1, "patch_size": [96, 96, 16]})
+    loader = parser.get_parsed_content("train#dataloader")
+    loader.sampler.set_epoch(1)
+    order = list(loader.sampler)
+    count, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        loader.dataset[order[count % len(order)]]
+        count += 1
+    alone = count / (time.process_time() - start)
+    iterator = iter(loader)
+    next(iterator)
+    worker = iterator._workers[0].pid
+    count, wall, main, cpu = 0, time.perf_counter(), time.process_time(), _cpu_seconds(worker)
+    while time.perf_counter() - wall < seconds:
+        try:
+            next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+        count += 1
+    worker_cpu, main_cpu, wall = _cpu_seconds(worker) - cpu, time.process_time() - main, time.perf_counter() - wall
+    print(
+        json.dumps(
+            {"alone": alone, "worker": count / worker_cpu, "main_ms": main_cpu / count * 1e3, "wall": count / wall}
+        )
+    )
+
+
+def loader(prepared_dir: str, num_volumes: int = 100, seconds: float = 10.0, rounds: int = 3, old: str = BASE_COMMIT):
+    """View pairs (96 x 96 x 16, views + intensity augmentations) per CPU-second, ``old`` commit vs this tree,
+    alternated: the transforms alone (``train#dataset[i]`` in order of the sampler, in the process) and through
+    ``train#dataloader`` with one worker, batch 1 (per CPU-second of the worker, main process CPU per pair, wall)."""
+    trees = {f"old ({old})": _tree(old), "new": os.getcwd()}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])),
+            }
+            args = [
+                "loader_side",
+                os.path.join(tree, "configs", "pretrain.json"),
+                prepared_dir,
+                str(num_volumes),
+                str(seconds),
+            ]
+            result = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-3000:])
+            runs[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    labels = {
+        "alone": "transforms alone, pairs/CPU-s",
+        "worker": "DataLoader, pairs/worker-CPU-s",
+        "main_ms": "main process CPU ms/pair",
+        "wall": "DataLoader pairs/wall-s",
+    }
+    print(f"N={num_volumes} prepared volumes, {rounds} rounds of {seconds:.0f} s per measure, alternated")
+    for key, label in labels.items():
+        cells = [
+            f"{name}: {np.mean([r[key] for r in rs]):7.1f} ({', '.join(f'{r[key]:.1f}' for r in rs)})"
+            for name, rs in runs.items()
+        ]
+        means = [np.mean([r[key] for r in rs]) for rs in runs.values()]
+        print(f"{label:32s} " + "   ".join(cells) + f"   new / old {means[1] / means[0]:.2f}")
+
+
 if __name__ == "__main__":
-    fire.Fire({"dtypes": dtypes, "corpus": corpus, "scale": scale, "views": views})
+    fire.Fire(
+        {
+            "dtypes": dtypes,
+            "corpus": corpus,
+            "scale": scale,
+            "views": views,
+            "startup": startup,
+            "loader": loader,
+            "loader_side": loader_side,
+        }
+    )

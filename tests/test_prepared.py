@@ -18,6 +18,8 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, LoadImaged, RandGaussianNoise, ScaleIntensityRanged
 from pgl_bundle import EpochSeededDataset, RandPGLViewsd
 from pgl_bundle.data import LoadPreparedd, deterministic_transforms, load_prepared, prepare, training_datalist
+from pgl_bundle.data.prepared import PreparedVolume
+from pgl_bundle.errors import BadInputError
 from tiny import TINY_PRETRAIN
 
 WINDOW = (-1024, 325)
@@ -79,11 +81,28 @@ def test_prepared_arrays_equal_the_float32_preprocessing(sources, tmp_path, pixd
             np.testing.assert_allclose(volume["spacing"], pixdim, atol=1e-4)
 
 
-def test_views_from_a_memory_map_equal_views_of_the_float32_volume(prepared):
+def test_boxes_read_from_disk_equal_the_memory_map(prepared, tmp_path):
+    _, items = prepared
+    rng = np.random.default_rng(0)
+    for item in items:
+        volume, mapped = PreparedVolume(item["image"]), np.load(item["image"], mmap_mode="r")
+        assert volume.shape == mapped.shape and volume.dtype == mapped.dtype
+        for _ in range(20):  # boxes, partly out of bounds or empty, and a prefix of the axes
+            box = tuple(slice(int(rng.integers(-3, n)), int(rng.integers(-3, n + 4))) for n in mapped.shape)
+            np.testing.assert_array_equal(volume[box], mapped[box])
+            np.testing.assert_array_equal(volume[box[:2]], mapped[box[:2]])
+        np.testing.assert_array_equal(volume[0, ::2, 5], mapped[0, ::2, 5])  # not a box: through the map
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(open(items[0]["image"], "rb").read()[:-4096])
+    with pytest.raises(BadInputError, match="truncated.npy: shorter than its header"):
+        PreparedVolume(str(truncated))[:, -2:, -2:, -2:]
+
+
+def test_views_from_a_prepared_volume_equal_views_of_the_float32_volume(prepared):
     folder, items = prepared
     for item in items:
         mapped = LoadPreparedd("image")(item)["image"]
-        assert isinstance(mapped, np.memmap)
+        assert isinstance(mapped, PreparedVolume)
         source = json.loads((folder / "manifest.json").read_text())["volumes"][items.index(item)]["source"]
         volume = float32_pipeline()({"image": source})["image"]
         for seed in range(3):

@@ -1,6 +1,13 @@
 from .checks import check_checkpoint, check_datalist, check_epoch_length, check_hounsfield, check_image, check_label
 from .datalist import IMAGE_SUFFIXES, dicom_series, find_images, load_datalist
-from .prepared import LoadPreparedd, deterministic_transforms, load_prepared, prepare, training_datalist
+from .prepared import (
+    LoadPreparedd,
+    PreparedVolume,
+    deterministic_transforms,
+    load_prepared,
+    prepare,
+    training_datalist,
+)
 from .synthetic import SYNTHETIC_LABELS, make_synthetic_dataset
 
 

@@ -118,34 +118,39 @@ PRESETS: dict[str, dict] = {
         "parallel": 2,  # two stages at a time, one thread each: one per core
         "threads_per_stage": 1,
     },
-    # one H100/H200, at most 10 minutes, ResNet-50 at the paper's pretraining patch (estimate: docs/results.md)
+    # one H100/H200, at most 10 minutes, ResNet-50 at the paper's pretraining patch (measured: docs/results.md)
     "gpu-10min": {
         "model": {"encoder_layers": [3, 4, 6, 3], "encoder_block": "bottleneck", "encoder_width": [64, 128, 256, 512]},
         "pretrain": {
             "patch_size": [96, 96, 16],
             "batch_size": 32,
+            "volume_repeats": 16,  # ~20 volumes x 16 / 32: about 10 batches per epoch, every worker busy
             "learning_rate": 0.001,
+            "warmup_epochs": 1,
             "amp": True,
-            "num_workers": 8,
+            "compile": False,  # compiling the dual-path ResNet-50 costs about as long as the whole pretraining here
+            "num_workers": 6,
+            "checkpoint_interval": 1000,  # the final checkpoint only (1.1 GB each)
         },
         "finetune": {
             "patch_size": [96, 96, 32],
             "batch_size": 2,
             "num_samples": 2,
-            "num_iterations": 150,
-            "val_interval": 50,
-            "warmup_iterations": 15,
+            "num_iterations": 300,
+            "val_interval": 100,
+            "warmup_iterations": 30,
             "amp": True,
-            "num_workers": 4,
+            "num_workers": 2,
         },
-        "pretrain_epochs": [150],
+        "pretrain_epochs": [15],
         "learning_rates": [3e-4, 1e-3],
         "encoder_lr_scale": 0.1,
         "budgets": [5],
         "seeds": [0, 1, 2],
         "num_val_cases": 2,
         "num_test_cases": 10,
-        "parallel": 4,
+        "parallel": 6,  # small runs side by side fill one GPU; 16 host cores
+        "threads_per_stage": 2,
     },
     # the paper's settings (method spec, section 6): for GPUs, hours
     "paper": {

@@ -24,6 +24,7 @@ import math
 import os
 import statistics
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from pgl_bundle.compare import CONFIGS, PRESETS, _run_bundle, _write_datalist
 from pgl_bundle.data import load_datalist
@@ -54,7 +55,8 @@ def _pretrain(method: str, root: str, unlabelled_json: str, iterations: Sequence
     if os.path.isfile(os.path.join(root, "models", "pretrained_encoder.pt")):
         return
     volumes = min(len(load_datalist(unlabelled_json)), overrides.get("num_volumes") or math.inf)
-    epoch_length = volumes // overrides["batch_size"]
+    # at least this many batches per epoch (fewer epochs would stop short of the last checkpoint)
+    epoch_length = volumes * overrides.get("volume_repeats", 1) // overrides["batch_size"]
     if epoch_length < 1:
         raise ValueError(f"{unlabelled_json}: {volumes} volumes, fewer than one batch of {overrides['batch_size']}.")
     every = math.gcd(*[i for i in iterations if i > 0])
@@ -92,6 +94,7 @@ def probe_curve(
     preset: str = "cpu",
     label_names: Sequence[str] = ("background", "tumour"),
     num_workers: int = 0,
+    parallel: int = 0,
     report_only: bool = False,
 ) -> str:
     """Run the probe curve; return the path of ``probe_curve.md``.
@@ -112,9 +115,11 @@ def probe_curve(
             encoder must be the pretraining runs' one.
         label_names: class names of the labelled data, background first.
         num_workers: data loader workers of every stage.
+        parallel: probes run at once (several small runs fill one GPU); 0: the preset's (1 unless it says otherwise).
         report_only: run nothing; write the report from the probes finished so far (it lists the others).
     """
     settings = PRESETS[preset]
+    threads = settings.get("threads_per_stage", 0)
     output_dir, labelled = os.path.abspath(output_dir), os.path.abspath(labelled)
     labelled_dir = labelled if os.path.isdir(labelled) else os.path.dirname(labelled)
     points = [(RANDOM, 0)] if 0 in iterations else []
@@ -159,10 +164,15 @@ def probe_curve(
             "probe_iterations": probe_iterations,
             "patch_size": list(patch_size),
         }
-        for (method, iteration, seed), root in tqdm(probes.items(), desc="probe curve", unit="probe"):
+
+        def run_probe(key: tuple[str, int, int]) -> None:
+            (method, iteration, seed), root = key, probes[key]
             if not os.path.isfile(os.path.join(root, "eval", "probe", RESULT)):
                 source = {"pretraining_checkpoint": checkpoints[method][iteration]} if iteration else {}
-                _run_bundle(PROBE_CONFIGS, root, {**probe, **source, "seed": seed})
+                _run_bundle(PROBE_CONFIGS, root, {**probe, **source, "seed": seed}, threads=threads)
+
+        with ThreadPoolExecutor(max_workers=parallel or settings.get("parallel", 1)) as pool:
+            list(tqdm(pool.map(run_probe, probes), total=len(probes), desc="probe curve", unit="probe"))
     done = {k: root for k, root in probes.items() if os.path.isfile(os.path.join(root, "eval", "probe", RESULT))}
     rows = [(*key, case, dice) for key, root in done.items() for case, dice in _dice_per_case(root, labelled_dir)]
     return _report(output_dir, rows, sorted(iterations), [os.path.basename(probes[k]) for k in probes if k not in done])

@@ -276,6 +276,7 @@ def test_pretraining_on_a_prepared_folder_through_the_bundle(sources, tmp_path):
         "max_epochs": 1,
         "num_workers": 1,
         "num_volumes": 2,
+        "volume_repeats": 2,  # each volume twice per epoch: 4 batches of 1
     }
     args = [a for k, v in tiny.items() for a in (f"--{k}", json.dumps(v))]
     run = subprocess.run(
@@ -298,7 +299,7 @@ def test_pretraining_on_a_prepared_folder_through_the_bundle(sources, tmp_path):
     )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-5000:]
-    assert log.count("train_loss:") == 2 and "preparing" not in log
+    assert log.count("train_loss:") == 4 and "preparing" not in log
     assert (tmp_path / "bundle" / "models" / "pretrained_encoder.pt").is_file()
 
 

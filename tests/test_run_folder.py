@@ -76,7 +76,7 @@ def test_a_second_run_stops_then_resumes_or_replaces(repo_root, tmp_path, three_
         pretrain(repo_root, tmp_path, three_volumes)
     # 3 volumes at batch 2: both batches of every epoch are trained on (no volume dropped), and the log says so
     assert "3 volumes to use: shape from (64, 64, 24) to (64, 64, 24) voxels" in caplog.text
-    assert "3 volumes, batch size 2: 2 iterations per epoch." in caplog.text
+    assert "3 view pairs per epoch (volumes x volume_repeats), batch size 2: 2 iterations per epoch." in caplog.text
     final = torch.load(checkpoints / "checkpoint_final.pt", map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == 4
     # the final state is on disk once: the final checkpoint is the last epoch's file, and one epoch file is kept
@@ -243,7 +243,7 @@ def test_no_batch_and_dropped_volumes_are_reported(caplog):
         assert check_epoch_length(DataLoader([0, 1, 2], batch_size=2, drop_last=True)) == 1
         assert check_epoch_length(DataLoader([0, 1, 2], batch_size=2)) == 2
     assert "drop_last leaves 1 of 3 volumes out of every epoch." in caplog.text
-    assert "3 volumes, batch size 2: 2 iterations per epoch." in caplog.text
+    assert "3 view pairs per epoch (volumes x volume_repeats), batch size 2: 2 iterations per epoch." in caplog.text
 
 
 def test_every_iteration_checkpoint_can_be_kept(repo_root, tmp_path, three_volumes):

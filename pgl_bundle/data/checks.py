@@ -258,7 +258,8 @@ def check_epoch_length(dataloader: DataLoader) -> int:
         )
     left_out = per_process - iterations * batch if dataloader.drop_last else 0
     logger.info(
-        f"{volumes} volumes, batch size {batch}: {iterations} iterations per epoch"
+        f"{volumes} view pairs per epoch (volumes x volume_repeats), batch size {batch}: "
+        f"{iterations} iterations per epoch"
         + (f"; {left_out} volume(s) left out of each epoch (drop_last)" if left_out else "")
         + "."
     )

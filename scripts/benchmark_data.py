@@ -448,12 +448,10 @@ def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float
     count, wall, main, cpu = 0, time.perf_counter(), time.process_time(), _cpu_seconds(worker)
     while time.perf_counter() - wall < seconds:
         try:
-            next(iterator)
+            count += len(next(iterator)["view1"])  # view pairs (an epoch's last batch can be short)
         except StopIteration:
             iterator = iter(loader)
-        count += 1
     worker_cpu, main_cpu, wall = _cpu_seconds(worker) - cpu, time.process_time() - main, time.perf_counter() - wall
-    count *= batch_size  # view pairs
     print(
         json.dumps(
             {"alone": alone, "worker": count / worker_cpu, "main_ms": main_cpu / count * 1e3, "wall": count / wall}

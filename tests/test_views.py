@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, MetaTensor
-from pgl_bundle.views import GEOMETRY_END, GEOMETRY_FLIP, GEOMETRY_SCALE, GEOMETRY_START, RandPGLViewsd, overlap_ratio
+from pgl_bundle.views import (
+    GEOMETRY_END,
+    GEOMETRY_FLIP,
+    GEOMETRY_SCALE,
+    GEOMETRY_START,
+    RandPGLViewsd,
+    overlap_ratio,
+    resize_trilinear,
+)
 
 ROI = np.array([96, 96, 16])
 
@@ -64,6 +72,15 @@ def test_view_is_crop_resize_flip_of_source():
         flips = [1 + a for a in range(3) if g[GEOMETRY_FLIP][a]]
         expected = expected.flip(flips) if flips else expected
         torch.testing.assert_close(out[key], expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((1, 134, 134, 22), (96, 96, 16)), ((2, 40, 31, 9), (96, 64, 16)), ((1, 17, 50, 30), (8, 8, 8))]
+)
+def test_separable_resize_equals_trilinear(shape, size):
+    volume = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(volume[None], size=size, mode="trilinear", align_corners=False)[0]
+    torch.testing.assert_close(resize_trilinear(volume, size), expected, rtol=0, atol=1e-6)
 
 
 def test_seeded_and_random():

@@ -242,15 +242,16 @@ def check_datalist(
 
 
 def check_epoch_length(dataloader: DataLoader) -> int:
-    """Log how many volumes, batches per epoch and volumes left out each epoch ``dataloader`` has; return the batches.
+    """Log how many view pairs (volumes x ``volume_repeats``), batches and left-out samples an epoch of ``dataloader``
+    has; return the batches.
 
     Raises:
         BadInputError: no batch can be formed (fewer volumes than one batch with ``drop_last``), which would make
             ignite skip training and the run end "successfully" with nothing written.
     """
-    volumes, batch = len(dataloader.dataset), dataloader.batch_size
+    samples, batch = len(dataloader.dataset), dataloader.batch_size
     iterations = len(dataloader)
-    per_process = len(dataloader.sampler) if dataloader.sampler is not None else volumes
+    per_process = len(dataloader.sampler) if dataloader.sampler is not None else samples
     if iterations == 0:
         raise BadInputError(
             f"no training batch can be formed: {per_process} volume(s) per process, batch size {batch}, drop_last "
@@ -258,7 +259,7 @@ def check_epoch_length(dataloader: DataLoader) -> int:
         )
     left_out = per_process - iterations * batch if dataloader.drop_last else 0
     logger.info(
-        f"{volumes} view pairs per epoch (volumes x volume_repeats), batch size {batch}: "
+        f"{samples} view pairs per epoch (volumes x volume_repeats), batch size {batch}: "
         f"{iterations} iterations per epoch"
         + (f"; {left_out} volume(s) left out of each epoch (drop_last)" if left_out else "")
         + "."

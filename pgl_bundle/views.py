@@ -47,22 +47,27 @@ def resize_trilinear(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``F.interpolate(volume[None], size, mode="trilinear", align_corners=False)[0]``, computed as a bilinear
     resize of every z-plane then a linear one along z (the same separable weights, equal within float rounding).
 
-    Hand-written because PyTorch's CPU trilinear kernel is about 2x slower than these two passes in one thread
-    (0.82 vs 0.34-0.43 ms for a 134 x 134 x 22 box to 96 x 96 x 16), and the resize is a third of a view's cost.
+    Hand-written because PyTorch's CPU trilinear kernel is about 2.5x slower than these two passes in one thread
+    (1.3 vs 0.5 ms for a 134 x 134 x 22 box to 96 x 96 x 16, docs/benchmarks.md section 5), and the resize is the
+    largest part of a view's cost. Fastest when ``volume``'s memory holds the z-planes outermost, as a box read from a
+    prepared volume does (:class:`~pgl_bundle.data.prepared.PreparedVolume`); any other layout is copied to it first.
 
     Args:
         volume: ``(C, x, y, z)`` float tensor.
         size: output ``(X, Y, Z)``.
 
     Returns:
-        ``(C, X, Y, Z)`` tensor.
+        ``(C, X, Y, Z)`` tensor, a view of ``(C, Z, X, Y)``-ordered memory.
     """
     c, x, y, z = volume.shape
     out_x, out_y, out_z = (int(s) for s in size)
-    planes = volume.permute(0, 3, 1, 2).reshape(1, c * z, x, y)
+    planes = volume.permute(0, 3, 1, 2).reshape(1, c * z, x, y)  # no copy for z-planes outermost
     planes = F.interpolate(planes, size=(out_x, out_y), mode="bilinear", align_corners=False)  # (1, C*z, X, Y)
-    rows = planes.reshape(c, z, out_x * out_y).transpose(1, 2)  # (C, X*Y, z)
-    return F.interpolate(rows, size=out_z, mode="linear", align_corners=False).reshape(c, out_x, out_y, out_z)
+    # linear along z: a bilinear resize of (z, X*Y) images whose second axis keeps its size (its weights 1 and 0)
+    planes = F.interpolate(
+        planes.view(c, 1, z, out_x * out_y), size=(out_z, out_x * out_y), mode="bilinear", align_corners=False
+    )
+    return planes.view(c, out_z, out_x, out_y).permute(0, 2, 3, 1)
 
 
 class RandPGLViewsd(RandomizableTransform, MapTransform):
@@ -169,14 +174,19 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         start, end, flip = self._starts[view], self._ends[view], self._flips[view]
         crop = image[:, start[0] : end[0], start[1] : end[1], start[2] : end[2]]
-        crop = torch.from_numpy(np.ascontiguousarray(crop)) if isinstance(crop, np.ndarray) else crop
-        crop = crop.float()
-        if self.intensity_range is not None:  # as ScaleIntensityRange(low, high, 0, 1, clip=True)
-            low, high = self.intensity_range
-            crop = ((crop - low) / (high - low)).clamp(0.0, 1.0)
-        out = resize_trilinear(crop, self.roi_size)
+        if isinstance(crop, np.ndarray):
+            crop = torch.from_numpy(crop if crop.flags.writeable else np.array(crop))
+        # float32 with the z-planes outermost in memory, as resize_trilinear reads them (free for prepared volumes)
+        planes = torch.empty(crop.shape[:1] + crop.shape[-1:] + crop.shape[1:-1], dtype=torch.float32)
+        planes.copy_(crop.permute(0, 3, 1, 2))
+        if self.intensity_range is not None:  # as ScaleIntensityRange(low, high, 0, 1, clip=True):
+            low, high = self.intensity_range  # the clip here, its linear part after the resize (5x fewer voxels)
+            planes.clamp_(low, high)
+        out = resize_trilinear(planes.permute(0, 2, 3, 1), self.roi_size)
+        if self.intensity_range is not None:
+            out = out.sub_(low).div_(high - low)
         flip_dims = [axis + 1 for axis in range(3) if flip[axis]]
-        if flip_dims:
+        if flip_dims:  # else left in resize_trilinear's memory order: collation copies it into the batch anyway
             out = torch.flip(out, flip_dims)
         geometry = np.stack([start, end, self.roi_size / (end - start), flip]).astype(np.float32)
         return out, torch.from_numpy(geometry)

@@ -36,7 +36,8 @@ TINY = {
     "max_epochs": 1,
 }
 WINDOW = (-1024, 325)
-BASE_COMMIT = "9ed5bd0"  # before box reads by positional reads (issue 9, second session): the "old" of startup/loader
+BASE_COMMIT = "9ed5bd0"  # before box reads by positional reads (issue 9, second session): the "old" of startup
+LAYOUT_COMMIT = "d37cb71"  # before slices-outermost arrays and the faster view CPU (issue 9, fifth session): of loader
 # what every `python -m monai.bundle run` of pretraining imports before any of its own work: MONAI (all of it, by its
 # __init__), torch, ignite, torch._dynamo (imported by any torch.optim optimizer's constructor) and pgl_bundle
 FLOOR = {
@@ -204,6 +205,7 @@ def scale(
 ) -> None:
     """Old and prepared path for each N in ``sizes`` (old: ``old_sizes``, where its RAM stays under the limit)."""
     from pgl_bundle.data import load_datalist, prepare
+    from pgl_bundle.data.prepared import PreparedVolume
 
     work = tempfile.mkdtemp(prefix="benchmark_data_")
     prepared_dir = prepared_dir or os.path.join(os.path.dirname(os.path.abspath(folder)), "prepared")
@@ -213,7 +215,7 @@ def scale(
         start = time.perf_counter()
         items = prepare(folder, prepared_dir, WINDOW, num_items=n, num_workers=2)
         print(f"prepare: N={n}: {time.perf_counter() - start:.0f} s (incremental over smaller N, 2 processes)")
-        shapes = [np.load(i["image"], mmap_mode="r").shape for i in items]
+        shapes = [PreparedVolume(i["image"]).shape for i in items]
     voxels = np.mean([np.prod(s) for s in shapes])
     print(
         f"mean preprocessed volume: {voxels / 1e6:.1f} Mvoxels = {voxels * 4 / 1e6:.0f} MB float32, "
@@ -375,19 +377,28 @@ def _tree(commit: str) -> str:
     return folder
 
 
-def startup(prepared_dir: str, num_volumes: int = 100, rounds: int = 2, memory_at: int = 20, old: str = BASE_COMMIT):
+def startup(
+    prepared_dir: str,
+    num_volumes: int = 100,
+    rounds: int = 2,
+    memory_at: int = 20,
+    old: str = BASE_COMMIT,
+    old_prepared_dir: str = "",
+):
     """Start-up and memory of the prepared path, ``old`` commit vs this tree, and the import floor, alternated.
 
     Start-up: launch to the end of the first step (tiny encoder); memory after ``memory_at`` steps (DataLoader
     workers in steady state), 1 and 2 (torchrun, gloo) processes. Floor: ``python -m monai.bundle run`` of a config
-    that only imports (:data:`FLOOR`), i.e. what no change to this bundle can remove."""
+    that only imports (:data:`FLOOR`), i.e. what no change to this bundle can remove. ``old_prepared_dir``: the same
+    sources prepared by ``old`` (its own stored layout; default ``prepared_dir``)."""
     work = tempfile.mkdtemp(prefix="benchmark_startup_")
     floor = os.path.join(work, "floor.json")
     with open(floor, "w") as f:
         json.dump(FLOOR, f)
     old_tree = _tree(old)
     trees = {"floor": ("", floor), f"old ({old})": (old_tree, ""), "new": (os.getcwd(), "")}
-    overrides = {"prepared_dir": prepared_dir, "num_volumes": num_volumes, "hu_window": list(WINDOW)}
+    overrides = {"num_volumes": num_volumes, "hu_window": list(WINDOW)}
+    folders = {f"old ({old})": old_prepared_dir or prepared_dir}
     os.environ["BENCH_MEMORY_AT"] = str(memory_at)
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(rounds):
@@ -398,8 +409,9 @@ def startup(prepared_dir: str, num_volumes: int = 100, rounds: int = 2, memory_a
                     if probe
                     else [os.path.join(tree, "configs", c) for c in ("pretrain.json", "multi_gpu_pretrain.json")]
                 )
+                folder = {"prepared_dir": folders.get(name, prepared_dir)}
                 runs.setdefault((name, processes), []).append(
-                    _startup(configs, processes, overrides, work, tree, probe)
+                    _startup(configs, processes, {**overrides, **folder}, work, tree, probe)
                 )
     keys = ["startup_s", "rss_gb", "pss_gb", "pss_anon_gb", "rank_pss_anon_gb", "workers_pss_anon_gb", "workers_rss_gb"]
     print(f"N={num_volumes}, {rounds} rounds alternated; memory after {memory_at} steps; GB summed over processes")
@@ -464,17 +476,19 @@ def loader(
     num_volumes: int = 100,
     seconds: float = 10.0,
     rounds: int = 3,
-    old: str = BASE_COMMIT,
+    old: str = LAYOUT_COMMIT,
     batch_size: int = 1,
+    old_prepared_dir: str = "",
 ):
     """View pairs (96 x 96 x 16, views + intensity augmentations) per CPU-second, ``old`` commit vs this tree,
     alternated: the transforms alone (``train#dataset[i]`` in order of the sampler, in the process) and through
     ``train#dataloader`` with one worker, batches of ``batch_size`` (per CPU-second of the worker, main process CPU
-    per pair, wall)."""
-    trees = {f"old ({old})": _tree(old), "new": os.getcwd()}
+    per pair, wall). ``old_prepared_dir``: the same sources prepared by ``old`` (its own stored layout; default
+    ``prepared_dir``)."""
+    trees = {f"old ({old})": (_tree(old), old_prepared_dir or prepared_dir), "new": (os.getcwd(), prepared_dir)}
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(rounds):
-        for name, tree in trees.items():
+        for name, (tree, folder) in trees.items():
             env = {
                 **os.environ,
                 "OMP_NUM_THREADS": "1",
@@ -483,7 +497,7 @@ def loader(
             args = [
                 "loader_side",
                 os.path.join(tree, "configs", "pretrain.json"),
-                prepared_dir,
+                folder,
                 str(num_volumes),
                 str(seconds),
                 str(batch_size),
@@ -513,6 +527,46 @@ def loader(
         print(f"{label:32s} " + "   ".join(cells) + f"   new / old {means[1] / means[0]:.2f}")
 
 
+def workers(
+    prepared_dir: str,
+    counts=(1, 2, 4, 8),
+    num_volumes: int = 100,
+    batch_size: int = 32,
+    seconds: float = 20.0,
+    config: str = "configs/pretrain.json",
+):
+    """View pairs per wall-second through ``train#dataloader`` with each number of workers in ``counts`` (batches of
+    ``batch_size``, 96 x 96 x 16), and per worker: how many workers a GPU needs, on the machine it runs on.
+    ``config``: the pretraining config (another tree's, with that tree first on PYTHONPATH, for its old figures)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    torch.set_num_threads(1)
+    print(f"N={num_volumes}, batch {batch_size}, {os.cpu_count()} CPUs; {seconds:.0f} s per count after a first batch")
+    for count in counts:
+        parser = ConfigParser()
+        parser.read_config(config)
+        overrides = {"prepared_dir": prepared_dir, "num_volumes": num_volumes, "hu_window": list(WINDOW)}
+        repeats = -(-50 * batch_size // num_volumes)  # epochs of 50 batches: their boundaries (a refill) stay rare
+        overrides.update(num_workers=count, batch_size=batch_size, volume_repeats=repeats, patch_size=[96, 96, 16])
+        parser.update({**TINY, **overrides})
+        loader = parser.get_parsed_content("train#dataloader")
+        epoch, pairs, start = 1, 0, None
+        while start is None or time.perf_counter() - start < seconds:
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                if start is None:
+                    start = time.perf_counter()
+                    continue
+                pairs += len(batch["view1"])
+                if time.perf_counter() - start >= seconds:
+                    break
+            epoch += 1
+        rate = pairs / (time.perf_counter() - start)
+        print(f"{count:3d} workers: {rate:8.1f} pairs/s, {rate / count:6.1f} per worker", flush=True)
+        del loader
+
+
 if __name__ == "__main__":
     fire.Fire(
         {
@@ -523,5 +577,6 @@ if __name__ == "__main__":
             "startup": startup,
             "loader": loader,
             "loader_side": loader_side,
+            "workers": workers,
         }
     )

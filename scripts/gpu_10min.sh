@@ -25,26 +25,12 @@ OUT=${OUT:?set OUT to the folder for the results}
 PRESET=${PRESET:-gpu-10min}
 BUDGET=${BUDGET:-600}  # seconds for everything (the preset's 10 minutes); the stages get what is left after set-up
 WORK=${WORK:-/tmp/gpu_10min}
-START=$(date +%s)
-mkdir -p "$OUT" "$WORK"
-exec > >(tee "$OUT/driver.log") 2>&1
-left() { echo $((BUDGET - ($(date +%s) - START))); }
-stamp() { echo "[$(($(date +%s) - START)) s] $*"; }
-
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh
 if [ -z "${DATA:-}" ]; then
     DATA=$WORK/data
     mkdir -p "$DATA" && tar -xJf .gpu_data/data.tar.xz -C "$DATA" || exit 1
 fi
 stamp "set-up done"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-python3 -c "import torch, monai, ignite, pgl_bundle; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
-'monai', monai.__version__, 'ignite', ignite.__version__, 'cpus', __import__('os').cpu_count())" || exit 1
 
 COMPARE=$WORK/compare
 PROBES=$WORK/probes

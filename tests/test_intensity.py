@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from pgl_bundle.intensity import RandPGLIntensityd
+from monai.networks.layers import GaussianFilter
+from pgl_bundle.intensity import RandPGLIntensityd, gaussian_blur
 
 OFF = {"noise_prob": 0.0, "blur_prob": 0.0, "contrast_prob": 0.0, "gamma_prob": 0.0}
 
@@ -32,6 +34,13 @@ def test_blur_smooths():
     assert out.std() < image.std() * 0.8
     inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))  # away from the filter's zero padding
     torch.testing.assert_close(out[inner].mean(), image[inner].mean(), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((1, 96, 96, 16), 0.5), ((2, 20, 9, 5), 1.0), ((1, 33, 40, 16), 0.73)])
+def test_blur_equals_monai_gaussian_filter(shape, sigma):
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected = GaussianFilter(spatial_dims=3, sigma=sigma)(image[None])[0]
+    torch.testing.assert_close(gaussian_blur(image, sigma), expected, rtol=0, atol=1e-6)
 
 
 def test_contrast_is_clipped_to_input_range():

@@ -69,7 +69,9 @@ def test_prepared_arrays_equal_the_float32_preprocessing(sources, tmp_path, pixd
         "dicom_series",
     ]
     for item, volume in zip(items, manifest["volumes"]):
-        array = np.load(item["image"], mmap_mode="r")
+        stored = np.load(item["image"], mmap_mode="r")  # slices outermost: (C, z, x, y)
+        array = stored.transpose(0, 2, 3, 1)
+        assert item["image"].endswith(".zxy.npy") and stored.flags.c_contiguous
         assert array.dtype == np.int16 and list(array.shape) == volume["shape"]
         reference = float32_pipeline(pixdim)({"image": volume["source"]})["image"]
         assert array.shape == reference.shape and all(s >= p for s, p in zip(array.shape[1:], PAD))
@@ -85,17 +87,21 @@ def test_boxes_read_from_disk_equal_the_memory_map(prepared, tmp_path):
     _, items = prepared
     rng = np.random.default_rng(0)
     for item in items:
-        volume, mapped = PreparedVolume(item["image"]), np.load(item["image"], mmap_mode="r")
+        volume, mapped = PreparedVolume(item["image"]), np.load(item["image"], mmap_mode="r").transpose(0, 2, 3, 1)
         assert volume.shape == mapped.shape and volume.dtype == mapped.dtype
         for _ in range(20):  # boxes, partly out of bounds or empty, and a prefix of the axes
             box = tuple(slice(int(rng.integers(-3, n)), int(rng.integers(-3, n + 4))) for n in mapped.shape)
             np.testing.assert_array_equal(volume[box], mapped[box])
             np.testing.assert_array_equal(volume[box[:2]], mapped[box[:2]])
         np.testing.assert_array_equal(volume[0, ::2, 5], mapped[0, ::2, 5])  # not a box: through the map
-    truncated = tmp_path / "truncated.npy"
+    truncated = tmp_path / "truncated.zxy.npy"
     truncated.write_bytes(open(items[0]["image"], "rb").read()[:-4096])
-    with pytest.raises(BadInputError, match="truncated.npy: shorter than its header"):
+    with pytest.raises(BadInputError, match="truncated.zxy.npy: shorter than its header"):
         PreparedVolume(str(truncated))[:, -2:, -2:, -2:]
+    old_layout = tmp_path / "old_layout.npy"  # an array prepared before the slices-outermost layout
+    np.save(old_layout, np.asarray(volume))
+    with pytest.raises(BadInputError, match="old_layout.npy: not a prepared array of this version"):
+        PreparedVolume(str(old_layout))
 
 
 def test_views_from_a_prepared_volume_equal_views_of_the_float32_volume(prepared):
@@ -205,7 +211,7 @@ def test_changed_sources_and_settings_are_prepared_again(shared_data, tmp_path, 
     prepare(str(sources), str(folder), WINDOW, min_size=PAD)
     assert "preparing 1 of 2 volumes" in caplog.text
     reference = float32_pipeline()({"image": str(sources / "b.nii.gz")})["image"]
-    assert np.load(first[1]["image"]).shape == reference.shape
+    assert PreparedVolume(first[1]["image"]).shape == reference.shape  # the header of the new array, not a cached one
     caplog.clear()
     prepare(str(sources), str(folder), (-500, 325), min_size=PAD)
     assert "settings changed" in caplog.text and "preparing 2 of 2 volumes" in caplog.text

@@ -10,12 +10,14 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from monai.data import Dataset
-from monai.transforms import Compose, RandGaussianNoise
+from monai.transforms import Compose, RandFlip, RandGaussianNoise, Randomizable
 from pgl_bundle import EpochSeededDataset, ResumableSampler, latest_checkpoint
 from pgl_bundle.data import make_synthetic_dataset
+from pgl_bundle.distributed import reseed
 from tiny import TINY_PRETRAIN
 
 # 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3
@@ -194,6 +196,21 @@ def test_sampler_order_depends_on_the_epoch_and_skips_once():
     for r in ranks:
         r.set_epoch(2)
     assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(10))
+
+
+def test_reseed_gives_monai_set_random_state():
+    def chain():
+        return Compose([RandGaussianNoise(prob=1.0), Compose([RandGaussianNoise(), RandFlip()]), RandFlip()])
+
+    ours, theirs = chain(), chain()
+    ours.transforms[2].__dict__.pop("R")  # one member still on the class's shared generator
+    reseed(ours, 12345)
+    theirs.set_random_state(seed=12345)
+    pairs = [(ours, theirs), *zip(ours.transforms, theirs.transforms)]
+    pairs += zip(ours.transforms[1].transforms, theirs.transforms[1].transforms)  # the nested Compose's members
+    for mine, monai in ((a.R, b.R) for a, b in pairs):
+        assert mine is not Randomizable.R
+        np.testing.assert_array_equal(mine.get_state()[1], monai.get_state()[1])
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only():

@@ -80,7 +80,9 @@ def test_view_is_crop_resize_flip_of_source():
 def test_separable_resize_equals_trilinear(shape, size):
     volume = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     expected = F.interpolate(volume[None], size=size, mode="trilinear", align_corners=False)[0]
-    torch.testing.assert_close(resize_trilinear(volume, size), expected, rtol=0, atol=1e-6)
+    z_planes_outermost = volume.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # a prepared volume's boxes
+    for layout in (volume, z_planes_outermost):
+        torch.testing.assert_close(resize_trilinear(layout, size), expected, rtol=0, atol=1e-6)
 
 
 def test_seeded_and_random():

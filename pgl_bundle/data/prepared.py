@@ -4,9 +4,11 @@ At the paper's scale (about 1,800 CTs) a ``CacheDataset`` of float32 volumes nee
 (docs/benchmarks.md), and re-reading the sources at every start costs minutes. :func:`prepare` reads each source
 once, applies :func:`deterministic_transforms` (RAS, optional resampling, foreground crop, padding), and writes
 
-- ``<prepared_dir>/<name>_<hash>.npy``: one ``(1, x, y, z)`` int16 array of HU per volume (raw HU, rounded: the
-  intensity window stays a training setting, applied to each crop by :class:`~pgl_bundle.views.RandPGLViewsd`);
-- ``<prepared_dir>/manifest.json``: the settings, and per source its path, size and mtime, the array's name, shape,
+- ``<prepared_dir>/<name>_<hash>.zxy.npy``: one int16 array of HU per volume (raw HU, rounded: the intensity window
+  stays a training setting, applied to each crop by :class:`~pgl_bundle.views.RandPGLViewsd`), stored with the slices
+  outermost, ``(1, z, x, y)``, so that a crop box is one read per slice (:class:`PreparedVolume`; docs/benchmarks.md);
+- ``<prepared_dir>/manifest.json``: the settings, and per source its path, size and mtime, the array's name, shape
+  (as the training sees it, ``(1, x, y, z)``),
   spacing, affine and dtype, the source's own shape and spacing, and a note when its values do not look like
   Hounsfield units; sources that cannot be used are listed with their problems (the messages of
   :func:`~pgl_bundle.data.checks.check_datalist`).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -52,9 +55,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the stored layout changes: every volume is then prepared again
+FORMAT = 2  # bump when the stored layout changes: every volume is then prepared again (2: slices outermost)
 STORED_DTYPE = "int16"  # chosen by measurement, docs/benchmarks.md
 _MANIFEST_EVERY_S = 1.0  # a killed run loses at most this much of finished work
+STORED_AXES = "zxy"  # in-plane rows stored whole, slices outermost: a crop box is one read per (channel, slice)
+SUFFIX = f".{STORED_AXES}.npy"
 
 
 def deterministic_transforms(
@@ -80,64 +85,79 @@ def deterministic_transforms(
     ]
 
 
-class PreparedVolume:
-    """A prepared ``(C, x, y, z)`` ``.npy`` array on disk, read box by box with positional reads (``os.preadv``).
+@functools.lru_cache(maxsize=65536)
+def _header(path: str, stamp: tuple[int, int, int]) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Stored shape, dtype and data offset of a prepared array, cached per file version (``stamp``: inode, size and
+    mtime), so that a DataLoader worker parses each header once."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = header(f)
+        except ValueError as e:
+            raise BadInputError(f"{path}: not a prepared .npy array ({e}).") from e
+        if fortran_order or len(shape) != 4:
+            raise BadInputError(f"{path}: not a prepared volume: shape {shape}, Fortran order {fortran_order}.")
+        return tuple(shape), np.dtype(dtype), f.tell()
 
-    Slicing it with unit-step slices (``volume[:, x0:x1, y0:y1, z0:z1]``) returns a new C-ordered numpy array of
-    that box and reads nothing else: for each ``(c, x)`` the rows ``y0:y1`` (whole ``z`` rows, contiguous in the
-    file; the same pages a memory map of the box would touch), through the OS page cache, which all DataLoader
-    workers and ranks of the machine share. Hand-written instead of a fresh ``np.load(mmap_mode="r")`` per sample:
-    mapping a volume, faulting the box's pages in and unmapping it again costs about twice the CPU of reading the
-    same pages (docs/benchmarks.md, section 5), and no mapped page stays counted in the process's RSS.
-    ``np.asarray(volume)`` gives the whole array as a read-only memory map.
+
+class PreparedVolume:
+    """A prepared volume on disk, indexed as a ``(C, x, y, z)`` array and read box by box (``os.preadv``).
+
+    The file is a C-ordered ``.npy`` array of shape ``(C, z, x, y)`` (name ending in ``.zxy.npy``, as
+    :func:`prepare` writes): each slice's in-plane rows are contiguous. Slicing with unit-step slices
+    (``volume[:, x0:x1, y0:y1, z0:z1]``) reads, for each channel and slice of the box, its rows ``x0:x1`` whole in
+    ``y`` (one positional read each, 22 for a 22-slice box, through the OS page cache that all DataLoader workers and
+    ranks share) and returns a ``(C, x, y, z)`` numpy view of that buffer (slices outermost in memory, as
+    :func:`~pgl_bundle.views.resize_trilinear` reads them). Nothing else of the volume is read. Hand-written
+    instead of a fresh ``np.load(mmap_mode="r")`` per sample: mapping a volume, faulting the box's pages in and
+    unmapping it again costs about twice the CPU of reading the same pages (docs/benchmarks.md, section 5), and no
+    mapped page stays counted in the process's RSS. ``np.asarray(volume)`` gives the whole ``(C, x, y, z)`` array as
+    a read-only memory map (a transposed view).
 
     Args:
-        path: a ``.npy`` file written by :func:`prepare` (C order).
+        path: a ``.zxy.npy`` file written by :func:`prepare`.
 
     Raises:
-        BadInputError: the file is not a C-ordered ``.npy`` array.
+        BadInputError: the file is not a prepared ``(C, z, x, y)`` array, or is shorter than its header says.
     """
 
     def __init__(self, path: str) -> None:
         self.filename = os.fspath(path)
-        with open(self.filename, "rb") as f:
-            try:
-                version = np.lib.format.read_magic(f)
-                header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
-                shape, fortran_order, dtype = header(f)
-            except ValueError as e:
-                raise BadInputError(f"{self.filename}: not a prepared .npy array ({e}).") from e
-            self.offset = f.tell()
-        if fortran_order or len(shape) < 2:
-            raise BadInputError(f"{self.filename}: not a prepared volume: shape {shape}, Fortran order {fortran_order}")
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        if not self.filename.endswith(SUFFIX):
+            raise BadInputError(
+                f"{self.filename}: not a prepared array of this version (name not ending in {SUFFIX}: prepared by an "
+                "older pgl_bundle, in another axis order?); run the prepare stage again."
+            )
+        stat = os.stat(self.filename)
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        self.stored_shape, self.dtype, self.offset = _header(self.filename, stamp)
+        c, z, x, y = self.stored_shape
+        self.shape = (c, x, y, z)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = np.load(self.filename, mmap_mode="r")
+        array = np.load(self.filename, mmap_mode="r").transpose(0, 2, 3, 1)
         return array.astype(dtype) if dtype is not None else np.array(array) if copy else array
 
     def __getitem__(self, index) -> np.ndarray:
         index = ((index if isinstance(index, tuple) else (index,)) + (slice(None),) * self.ndim)[: self.ndim]
         if not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
             return np.asarray(self)[index]  # anything but a box: through a memory map
-        bounds = [range(*i.indices(n)[:2]) for i, n in zip(index, self.shape)]
-        box = np.empty([len(r) for r in bounds], self.dtype)
-        if box.size:
-            # one run of whole last-axis rows y0:y1 per index of the outer axes (contiguous in the file), read into
-            # a small reused buffer whose z0:z1 part is copied out (less CPU than reading whole rows into a larger box)
-            outer = np.ravel_multi_index(np.ix_(*bounds[:-2]), self.shape[:-2]).ravel()
-            starts = self.offset + (outer * self.shape[-2] + bounds[-2].start) * self.shape[-1] * self.dtype.itemsize
-            run, (z0, z1) = np.empty((len(bounds[-2]), self.shape[-1]), self.dtype), (bounds[-1].start, bounds[-1].stop)
+        (c0, c1), (x0, x1), (y0, y1), (z0, z1) = (i.indices(n)[:2] for i, n in zip(index, self.shape))
+        _, depth, rows, width = self.stored_shape
+        channels, slices, xs = range(c0, max(c0, c1)), range(z0, max(z0, z1)), range(x0, max(x0, x1))
+        buffer = np.empty((len(channels), len(slices), len(xs), width), self.dtype)  # (C, z, x, whole y rows)
+        if buffer.size:
             with open(self.filename, "rb", buffering=0) as f:
-                for out, start in zip(box.reshape(len(outer), *box.shape[-2:]), starts.tolist()):
-                    if os.preadv(f.fileno(), [run], start) != run.nbytes:
+                for out, (c, z) in zip(buffer.reshape(-1, len(xs), width), itertools.product(channels, slices)):
+                    start = self.offset + ((c * depth + z) * rows + x0) * width * self.dtype.itemsize
+                    if os.preadv(f.fileno(), [out], start) != out.nbytes:
                         raise BadInputError(f"{self.filename}: shorter than its header says (truncated?).")
-                    out[...] = run[:, z0:z1]
-        return box
+        return buffer[..., y0 : max(y0, y1)].transpose(0, 2, 3, 1)
 
 
 class LoadPreparedd(MapTransform):
@@ -183,7 +203,7 @@ def _stamp(path: str) -> list[int] | None:
 
 def _array_name(source: str) -> str:
     stem = os.path.basename(source.rstrip(os.sep)).split(".")[0] or "volume"
-    return f"{stem}_{hashlib.sha1(source.encode()).hexdigest()[:10]}.npy"
+    return f"{stem}_{hashlib.sha1(source.encode()).hexdigest()[:10]}{SUFFIX}"
 
 
 def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequence[float]) -> dict:
@@ -198,9 +218,9 @@ def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequen
     chain = Compose(deterministic_transforms(hu_window, settings["pixdim"], settings["min_size"]))
     volume = chain({"image": image})["image"]
     info = torch.iinfo(torch.int16)
-    array = volume.as_tensor().round().clamp(info.min, info.max).to(torch.int16).numpy()
-    temporary = array_path[: -len(".npy")] + ".tmp.npy"
-    np.save(temporary, array)
+    array = volume.as_tensor().round().clamp(info.min, info.max).to(torch.int16).numpy()  # (C, x, y, z)
+    temporary = array_path[: -len(SUFFIX)] + ".tmp.npy"
+    np.save(temporary, np.ascontiguousarray(array.transpose(0, 3, 1, 2)))  # stored (C, z, x, y): PreparedVolume
     os.replace(temporary, array_path)
     return {
         "array": os.path.basename(array_path),

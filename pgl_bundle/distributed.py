@@ -88,8 +88,9 @@ def reseed(transform: Randomizable, seed: int) -> None:
     """``transform.set_random_state(seed=seed)`` as MONAI does it (a ``Compose`` seeds each random transform in it
     from its own draws, recursively), but reseeding each transform's ``RandomState`` in place.
 
-    Hand-written because MONAI's builds a new ``np.random.RandomState`` per transform, 0.14 ms each, three per view
-    pair here: about 8 % of a pair's CPU when done before every sample (docs/benchmarks.md section 5).
+    Hand-written because MONAI's builds a new ``np.random.RandomState`` per transform: 0.28 ms per sample for the
+    pretraining chain against 0.01 ms, about 5 % of a view pair's CPU (``scripts/benchmark_data.py parts``,
+    docs/benchmarks.md section 5).
     """
     if "R" in vars(transform):
         transform.R.seed(seed % MAX_SEED)

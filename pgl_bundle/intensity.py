@@ -27,8 +27,9 @@ def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """MONAI's ``GaussianFilter(3, sigma)(img[None])[0]`` (the same kernel, truncated at 4 sigma, zero padding),
     computed as a weighted sum of shifted copies along each spatial axis.
 
-    Hand-written because ``GaussianFilter``'s separable ``conv3d`` with one-voxel-thin kernels is 2.5-4x slower on a
-    CPU in one thread (1.3-3.5 vs 0.5-0.9 ms for a 96 x 96 x 16 view, sigma 0.5-1; docs/benchmarks.md section 5).
+    Hand-written because ``GaussianFilter``'s separable ``conv3d`` with one-voxel-thin kernels is about 3x slower on a
+    CPU in one thread (2.6 vs 0.8 ms for a 96 x 96 x 16 view, sigma 1: ``scripts/benchmark_data.py parts``,
+    docs/benchmarks.md section 5).
 
     Args:
         img: ``(C, x, y, z)`` float tensor.

@@ -47,10 +47,11 @@ def resize_trilinear(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``F.interpolate(volume[None], size, mode="trilinear", align_corners=False)[0]``, computed as a bilinear
     resize of every z-plane then a linear one along z (the same separable weights, equal within float rounding).
 
-    Hand-written because PyTorch's CPU trilinear kernel is about 2.5x slower than these two passes in one thread
-    (1.3 vs 0.5 ms for a 134 x 134 x 22 box to 96 x 96 x 16, docs/benchmarks.md section 5), and the resize is the
-    largest part of a view's cost. Fastest when ``volume``'s memory holds the z-planes outermost, as a box read from a
-    prepared volume does (:class:`~pgl_bundle.data.prepared.PreparedVolume`); any other layout is copied to it first.
+    Hand-written because PyTorch's CPU trilinear kernel is slower than these two passes in one thread (1.0 vs 0.64 ms
+    for a 134 x 134 x 22 box to 96 x 96 x 16, window included: ``scripts/benchmark_data.py parts``, docs/benchmarks.md
+    section 5), and the resize is the largest part of a view's cost. Fastest when ``volume``'s memory holds the
+    z-planes outermost, as a box read from a prepared volume does (:class:`~pgl_bundle.data.prepared.PreparedVolume`);
+    any other layout is copied to it first.
 
     Args:
         volume: ``(C, x, y, z)`` float tensor.

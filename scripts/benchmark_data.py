@@ -36,6 +36,7 @@ TINY = {
     "max_epochs": 1,
 }
 WINDOW = (-1024, 325)
+BOX = (134, 134, 22)  # the largest view crop at 96 x 96 x 16
 BASE_COMMIT = "9ed5bd0"  # before box reads by positional reads (issue 9, second session): the "old" of startup
 LAYOUT_COMMIT = "d37cb71"  # before slices-outermost arrays and the faster view CPU (issue 9, fifth session): of loader
 # what every `python -m monai.bundle run` of pretraining imports before any of its own work: MONAI (all of it, by its
@@ -128,7 +129,8 @@ def _startup(configs: list[str], processes: int, overrides: dict, folder: str, t
     ``tree``: the source tree whose ``pgl_bundle`` runs (default: this one); ``probe``: the probe config (default:
     :func:`_probe_config`)."""
     out = os.path.join(folder, f"probe_{time.time_ns()}")
-    configs = configs[:1] + (configs[1:] if processes > 1 else []) + [probe or _probe_config(folder)]
+    configs = [os.path.abspath(c) for c in configs[:1] + (configs[1:] if processes > 1 else [])]
+    configs.append(probe or _probe_config(folder))
     args = [a for k, v in {**TINY, **overrides}.items() for a in (f"--{k}", json.dumps(v))]
     bundle = [
         "-m",
@@ -150,7 +152,9 @@ def _startup(configs: list[str], processes: int, overrides: dict, folder: str, t
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [tree or os.getcwd(), scripts, os.environ.get("PYTHONPATH")])),
     }
-    result = subprocess.run([sys.executable, *launcher, *bundle], env=env, capture_output=True, text=True)
+    # run from `folder`: `python -m` puts the working directory first on sys.path, which would import this tree's
+    # pgl_bundle instead of `tree`'s
+    result = subprocess.run([sys.executable, *launcher, *bundle], env=env, capture_output=True, text=True, cwd=folder)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     ranks = [json.load(open(f"{out}.rank{r}")) for r in range(processes)]
@@ -527,6 +531,90 @@ def loader(
         print(f"{label:32s} " + "   ".join(cells) + f"   new / old {means[1] / means[0]:.2f}")
 
 
+def parts(repeats: int = 200, rounds: int = 2) -> None:
+    """CPU per call (one thread) of the pieces of a view pair this tree writes by hand, against what MONAI and
+    PyTorch provide, side by side: the resize of a 134 x 134 x 22 box (int16 HU, windowed) to 96 x 96 x 16, the
+    Gaussian blur of a view, seeding the pretraining chain's three random transforms."""
+    import torch
+    import torch.nn.functional as F
+    from monai.networks.layers import GaussianFilter
+    from monai.transforms import Compose
+    from pgl_bundle import RandPGLIntensityd, RandPGLViewsd
+    from pgl_bundle.distributed import reseed
+    from pgl_bundle.intensity import gaussian_blur
+    from pgl_bundle.views import resize_trilinear
+
+    torch.set_num_threads(1)
+    low, high = WINDOW
+    box = torch.randint(-1100, 400, (1, BOX[2], BOX[0], BOX[1]), dtype=torch.int16).permute(0, 2, 3, 1)  # as read
+    box_xyz = box.contiguous()  # as the layout before slices outermost gave it
+    view = torch.rand(1, 96, 96, 16)
+    chain = Compose([RandPGLViewsd("image", (96, 96, 16)), RandPGLIntensityd(["view1", "view2"])])
+    pieces = {
+        "window + resize of a box": (
+            lambda: F.interpolate(
+                ((box_xyz.float() - low) / (high - low)).clamp(0, 1)[None], (96, 96, 16), mode="trilinear"
+            ),
+            lambda: resize_trilinear(box.float().clamp_(low, high), (96, 96, 16)).sub_(low).div_(high - low),
+        ),
+        "Gaussian blur of a view, sigma 1": (
+            lambda: GaussianFilter(3, sigma=1.0)(view[None]),
+            lambda: gaussian_blur(view, 1.0),
+        ),
+        "seeding the chain (per sample)": (
+            lambda: chain.set_random_state(seed=12345),
+            lambda: reseed(chain, 12345),
+        ),
+    }
+    print(f"ms per call, one thread, {repeats} calls x {rounds} rounds (MONAI / PyTorch | this tree)")
+    for name, (stock, ours) in pieces.items():
+        times = []
+        for fn in (stock, ours) * rounds:
+            fn()
+            start = time.process_time()
+            for _ in range(repeats):
+                fn()
+            times.append((time.process_time() - start) / repeats * 1e3)
+        stock_ms, ours_ms = np.mean(times[0::2]), np.mean(times[1::2])
+        print(f"{name:36s} {stock_ms:6.3f} | {ours_ms:6.3f}   {stock_ms / ours_ms:.2f}x")
+
+
+def boxes_side(prepared_dir: str, num_volumes: int, per_volume: int) -> None:
+    """One side of :func:`boxes` (run in a process whose ``pgl_bundle`` is that side's): prints one JSON line."""
+    from pgl_bundle.data.prepared import PreparedVolume, load_prepared
+
+    rng, times = np.random.default_rng(0), {"cold": [], "warm": []}
+    for item in load_prepared(prepared_dir, WINDOW, num_items=num_volumes):
+        volume = PreparedVolume(item["image"])
+        for _ in range(per_volume):
+            start = [int(rng.integers(0, n - s + 1)) for n, s in zip(volume.shape[1:], BOX)]
+            box = (slice(None), *(slice(a, a + s) for a, s in zip(start, BOX)))
+            for state in ("cold", "warm"):  # the same box twice: from disk, then from the page cache
+                if state == "cold" and not _drop_page_cache():
+                    raise SystemExit("cold reads need root (echo 1 > /proc/sys/vm/drop_caches)")
+                begin = time.perf_counter()
+                volume[box]
+                times[state].append((time.perf_counter() - begin) * 1e3)
+    print(json.dumps({f"{state}_ms": float(np.median(t)) for state, t in times.items()}))
+
+
+def boxes(prepared_dir: str, old_prepared_dir: str, num_volumes: int = 10, per_volume: int = 5, old=LAYOUT_COMMIT):
+    """Time to read one 134 x 134 x 22 box from a prepared volume, cold (page cache dropped) and warm, median over
+    ``num_volumes`` x ``per_volume`` boxes: ``old`` commit's stored layout and reader (``old_prepared_dir``) vs this
+    tree's (``prepared_dir``, the same sources). Needs root for the cold reads."""
+    sides = {f"old ({old})": (_tree(old), old_prepared_dir), "new": (os.getcwd(), prepared_dir)}
+    print(f"{num_volumes} volumes x {per_volume} boxes of {BOX}, median ms per box read")
+    for name, (tree, folder) in sides.items():
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
+        args = ["boxes_side", folder, str(num_volumes), str(per_volume)]
+        result = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-3000:])
+        print(f"{name:16s} {result.stdout.strip().splitlines()[-1]}")
+
+
 def workers(
     prepared_dir: str,
     counts=(1, 2, 4, 8),
@@ -578,5 +666,8 @@ if __name__ == "__main__":
             "loader": loader,
             "loader_side": loader_side,
             "workers": workers,
+            "boxes": boxes,
+            "parts": parts,
+            "boxes_side": boxes_side,
         }
     )

@@ -177,7 +177,8 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
         crop = image[:, start[0] : end[0], start[1] : end[1], start[2] : end[2]]
         if isinstance(crop, np.ndarray):
             crop = torch.from_numpy(crop if crop.flags.writeable else np.array(crop))
-        # float32 with the z-planes outermost in memory, as resize_trilinear reads them (free for prepared volumes)
+        # float32 with the z-planes outermost in memory, as resize_trilinear reads them (a prepared volume's box
+        # already is: this copy only converts it)
         planes = torch.empty(crop.shape[:1] + crop.shape[-1:] + crop.shape[1:-1], dtype=torch.float32)
         planes.copy_(crop.permute(0, 3, 1, 2))
         if self.intensity_range is not None:  # as ScaleIntensityRange(low, high, 0, 1, clip=True):

@@ -8,10 +8,9 @@ once, applies :func:`deterministic_transforms` (RAS, optional resampling, foregr
   stays a training setting, applied to each crop by :class:`~pgl_bundle.views.RandPGLViewsd`), stored with the slices
   outermost, ``(1, z, x, y)``, so that a crop box is one read per slice (:class:`PreparedVolume`; docs/benchmarks.md);
 - ``<prepared_dir>/manifest.json``: the settings, and per source its path, size and mtime, the array's name, shape
-  (as the training sees it, ``(1, x, y, z)``),
-  spacing, affine and dtype, the source's own shape and spacing, and a note when its values do not look like
-  Hounsfield units; sources that cannot be used are listed with their problems (the messages of
-  :func:`~pgl_bundle.data.checks.check_datalist`).
+  (as training sees it, ``(1, x, y, z)``), spacing, affine and dtype, the source's own shape and spacing, and a note
+  when its values do not look like Hounsfield units; sources that cannot be used are listed with their problems (the
+  messages of :func:`~pgl_bundle.data.checks.check_datalist`).
 
 Each array is written to a temporary file and renamed, the manifest likewise (every few seconds and at the end), so
 a killed run resumes: unchanged sources already prepared are skipped (one ``stat`` each), changed ones re-prepared,

@@ -179,8 +179,7 @@ class RandPGLViewsd(RandomizableTransform, MapTransform):
             crop = torch.from_numpy(crop if crop.flags.writeable else np.array(crop))
         # float32 with the z-planes outermost in memory, as resize_trilinear reads them (a prepared volume's box
         # already is: this copy only converts it)
-        planes = torch.empty(crop.shape[:1] + crop.shape[-1:] + crop.shape[1:-1], dtype=torch.float32)
-        planes.copy_(crop.permute(0, 3, 1, 2))
+        planes = crop.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if self.intensity_range is not None:  # as ScaleIntensityRange(low, high, 0, 1, clip=True):
             low, high = self.intensity_range  # the clip here, its linear part after the resize (5x fewer voxels)
             planes.clamp_(low, high)

@@ -381,6 +381,21 @@ def _tree(commit: str) -> str:
     return folder
 
 
+def _side(tree: str, command: str, *args) -> dict:
+    """Run this script's ``command`` (a ``*_side`` function) in a process whose ``pgl_bundle`` is ``tree``'s (one
+    thread); return the JSON line it prints last."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])),
+    }
+    command_line = [sys.executable, os.path.abspath(__file__), command, *(str(a) for a in args)]
+    result = subprocess.run(command_line, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def startup(
     prepared_dir: str,
     num_volumes: int = 100,
@@ -493,25 +508,8 @@ def loader(
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, (tree, folder) in trees.items():
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])),
-            }
-            args = [
-                "loader_side",
-                os.path.join(tree, "configs", "pretrain.json"),
-                folder,
-                str(num_volumes),
-                str(seconds),
-                str(batch_size),
-            ]
-            result = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True, text=True
-            )
-            if result.returncode != 0:
-                raise RuntimeError(result.stderr[-3000:])
-            runs[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            config = os.path.join(tree, "configs", "pretrain.json")
+            runs[name].append(_side(tree, "loader_side", config, folder, num_volumes, seconds, batch_size))
     labels = {
         "alone": "transforms alone, pairs/CPU-s",
         "worker": "DataLoader, pairs/worker-CPU-s",
@@ -605,14 +603,7 @@ def boxes(prepared_dir: str, old_prepared_dir: str, num_volumes: int = 10, per_v
     sides = {f"old ({old})": (_tree(old), old_prepared_dir), "new": (os.getcwd(), prepared_dir)}
     print(f"{num_volumes} volumes x {per_volume} boxes of {BOX}, median ms per box read")
     for name, (tree, folder) in sides.items():
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
-        args = ["boxes_side", folder, str(num_volumes), str(per_volume)]
-        result = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(result.stderr[-3000:])
-        print(f"{name:16s} {result.stdout.strip().splitlines()[-1]}")
+        print(f"{name:16s} {json.dumps(_side(tree, 'boxes_side', folder, num_volumes, per_volume))}")
 
 
 def workers(

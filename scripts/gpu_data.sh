@@ -32,14 +32,12 @@ CPUS=$(nproc)
 export OMP_NUM_THREADS=1
 stamp "set-up done"
 
-# each tree's code runs from its own folder: `python -c` and `python -m` put the working directory first on sys.path
+# each tree's code runs from its own folder: `python -m` puts the working directory first on sys.path
 prepare() {  # $1: tree, $2: folder
-    (cd "$1" && PYTHONPATH="$1${BASE:+:$BASE}" python3 -c "
-import time
-from pgl_bundle.data import prepare
-start = time.perf_counter()
-items = prepare('$WORK/ct', '$2', (-1024, 325), num_workers=$CPUS)
-print(f'prepared {len(items)} volumes in {time.perf_counter() - start:.1f} s with $CPUS processes ($1)')")
+    local begin=$(date +%s)
+    (cd "$1" && PYTHONPATH="$1${BASE:+:$BASE}" python3 -m pgl_bundle prepare "$WORK/ct" "$2" --hu_window "[-1024,325]" \
+        --num_workers "$CPUS" > /dev/null) || return 1
+    echo "prepared $N volumes in $(($(date +%s) - begin)) s with $CPUS processes ($1)"
 }
 python3 scripts/benchmark_data.py corpus "$WORK/ct" "$N" --num_workers "$CPUS" || exit 1
 prepare "$PWD" "$WORK/prepared" || exit 1

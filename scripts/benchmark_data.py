@@ -9,8 +9,12 @@ path (int16 memory maps), side by side in one run. Figures in docs/benchmarks.md
 ``python -m monai.bundle run`` to the end of the first training step (tiny encoder: data start-up, not compute), and
 the memory of every process (ranks and their DataLoader workers) at that moment, from /proc/<pid>/smaps_rollup:
 RSS summed (counts shared pages once per process) and PSS of anonymous memory summed (each private or copy-on-write
-page once; page cache excluded). Then view pairs/s delivered by one DataLoader worker at 96 x 96 x 16. The old path
-is the pretrain.json of commit 55ec322 (the last before the prepared path), read from git.
+page once; page cache excluded). Then view pairs/s delivered by one DataLoader worker at 96 x 96 x 16.
+
+Comparisons with older code take its git ref as ``--old`` (a commit, tag or branch of this repository): ``scale``
+runs that ref's pretrain.json (one from before the prepared path) beside this tree's, or this tree only without it;
+``startup``, ``loader`` and ``boxes`` need it: they run that ref's ``pgl_bundle`` and configs side by side with this
+tree's, e.g. ``python scripts/benchmark_data.py loader /tmp/prepared --old main``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import time
 import fire
 import numpy as np
 
-OLD_COMMIT = "55ec322"
 TINY = {
     "encoder_layers": [1, 1, 1, 1],
     "encoder_width": [8, 8, 8, 8],
@@ -37,8 +40,6 @@ TINY = {
 }
 WINDOW = (-1024, 325)
 BOX = (134, 134, 22)  # the largest view crop at 96 x 96 x 16
-BASE_COMMIT = "9ed5bd0"  # before box reads by positional reads (issue 9, second session): the "old" of startup
-LAYOUT_COMMIT = "d37cb71"  # before slices-outermost arrays and the faster view CPU (issue 9, fifth session): of loader
 # what every `python -m monai.bundle run` of pretraining imports before any of its own work: MONAI (all of it, by its
 # __init__), torch, ignite, torch._dynamo (imported by any torch.optim optimizer's constructor) and pgl_bundle
 FLOOR = {
@@ -110,14 +111,15 @@ def _probe_config(folder: str) -> str:
     return path
 
 
-def _old_configs(folder: str) -> list[str]:
+def _old_configs(folder: str, old: str) -> list[str]:
+    """pretrain.json and multi_gpu_pretrain.json of git ref ``old``, written to ``folder``."""
     paths = []
     for name in ("pretrain.json", "multi_gpu_pretrain.json"):
         paths.append(os.path.join(folder, f"old_{name}"))
         with open(paths[-1], "w") as f:
             f.write(
                 subprocess.run(
-                    ["git", "show", f"{OLD_COMMIT}:configs/{name}"], check=True, capture_output=True, text=True
+                    ["git", "show", f"{old}:configs/{name}"], check=True, capture_output=True, text=True
                 ).stdout
             )
     return paths
@@ -202,18 +204,23 @@ def corpus(folder: str, num_volumes: int, num_workers: int = 1) -> None:
 def scale(
     folder: str,
     sizes=(25, 100),
-    old_sizes=(10, 25),
+    old_sizes=(),
     old_max_processes_gb: float = 5.0,
     prepared_dir: str = "",
     seconds: float = 20.0,
+    old: str = "",
 ) -> None:
-    """Old and prepared path for each N in ``sizes`` (old: ``old_sizes``, where its RAM stays under the limit)."""
+    """The prepared path for each N in ``sizes``; with ``old`` (a git ref whose pretrain.json caches float32 volumes,
+    from before the prepared path), that path for each N in ``old_sizes`` where its RAM stays under the limit."""
     from pgl_bundle.data import load_datalist, prepare
     from pgl_bundle.data.prepared import PreparedVolume
 
+    if old_sizes and not old:
+        raise SystemExit("--old_sizes needs --old: the git ref of the old path's configs")
     work = tempfile.mkdtemp(prefix="benchmark_data_")
     prepared_dir = prepared_dir or os.path.join(os.path.dirname(os.path.abspath(folder)), "prepared")
-    old, new = _old_configs(work), ["configs/pretrain.json", "configs/multi_gpu_pretrain.json"]
+    new = ["configs/pretrain.json", "configs/multi_gpu_pretrain.json"]
+    old_configs = _old_configs(work, old) if old else []
     shapes = []
     for n in sorted(set(sizes) | set(old_sizes)):
         start = time.perf_counter()
@@ -231,7 +238,7 @@ def scale(
         for processes in (1, 2):
             runs = []
             if n in old_sizes and n * voxels * 4 / 1e9 * processes <= old_max_processes_gb:
-                runs.append(("old", old, {"dataset_dir": folder, "num_volumes": n}))
+                runs.append(("old", old_configs, {"dataset_dir": folder, "num_volumes": n}))
             if n in sizes:
                 runs.append(("prepared", new, {**prepared, "num_volumes": n}))
             for name, configs, overrides in runs:
@@ -246,7 +253,7 @@ def scale(
     cpu_rate = _pairs_per_second(new, {**prepared, "num_volumes": max(sizes)}, seconds, 0)
     print(f"view pairs per CPU-second (one thread, no worker), 96x96x16: prepared {cpu_rate:.1f}")
     if old_sizes:  # the old path caches its N volumes in this process first: its smallest N
-        old_rate = _pairs_per_second(old, {"dataset_dir": folder, "num_volumes": min(old_sizes)}, seconds)
+        old_rate = _pairs_per_second(old_configs, {"dataset_dir": folder, "num_volumes": min(old_sizes)}, seconds)
         print(
             f"view pairs/s, one DataLoader worker, 96x96x16: old (N={min(old_sizes)}, cached) {old_rate:.1f}; "
             f"prepared / old {new_rate / old_rate:.2f}"
@@ -373,10 +380,10 @@ def views(image: str = "../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz", second
     print(f"prepared / old: {new / old:.2f}")
 
 
-def _tree(commit: str) -> str:
-    """``pgl_bundle`` and ``configs`` of ``commit`` in a temporary folder, to run that code side by side."""
-    folder = tempfile.mkdtemp(prefix=f"benchmark_data_{commit}_")
-    archive = subprocess.run(["git", "archive", commit, "pgl_bundle", "configs"], check=True, capture_output=True)
+def _tree(ref: str) -> str:
+    """``pgl_bundle`` and ``configs`` of git ref ``ref`` in a temporary folder, to run that code side by side."""
+    folder = tempfile.mkdtemp(prefix="benchmark_data_old_")
+    archive = subprocess.run(["git", "archive", ref, "pgl_bundle", "configs"], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
     return folder
 
@@ -398,13 +405,13 @@ def _side(tree: str, command: str, *args) -> dict:
 
 def startup(
     prepared_dir: str,
+    old: str,
     num_volumes: int = 100,
     rounds: int = 2,
     memory_at: int = 20,
-    old: str = BASE_COMMIT,
     old_prepared_dir: str = "",
 ):
-    """Start-up and memory of the prepared path, ``old`` commit vs this tree, and the import floor, alternated.
+    """Start-up and memory of the prepared path, git ref ``old`` vs this tree, and the import floor, alternated.
 
     Start-up: launch to the end of the first step (tiny encoder); memory after ``memory_at`` steps (DataLoader
     workers in steady state), 1 and 2 (torchrun, gloo) processes. Floor: ``python -m monai.bundle run`` of a config
@@ -492,14 +499,14 @@ def loader_side(config: str, prepared_dir: str, num_volumes: int, seconds: float
 
 def loader(
     prepared_dir: str,
+    old: str,
     num_volumes: int = 100,
     seconds: float = 10.0,
     rounds: int = 3,
-    old: str = LAYOUT_COMMIT,
     batch_size: int = 1,
     old_prepared_dir: str = "",
 ):
-    """View pairs (96 x 96 x 16, views + intensity augmentations) per CPU-second, ``old`` commit vs this tree,
+    """View pairs (96 x 96 x 16, views + intensity augmentations) per CPU-second, git ref ``old`` vs this tree,
     alternated: the transforms alone (``train#dataset[i]`` in order of the sampler, in the process) and through
     ``train#dataloader`` with one worker, batches of ``batch_size`` (per CPU-second of the worker, main process CPU
     per pair, wall). ``old_prepared_dir``: the same sources prepared by ``old`` (its own stored layout; default
@@ -596,9 +603,9 @@ def boxes_side(prepared_dir: str, num_volumes: int, per_volume: int) -> None:
     print(json.dumps({f"{state}_ms": float(np.median(t)) for state, t in times.items()}))
 
 
-def boxes(prepared_dir: str, old_prepared_dir: str, num_volumes: int = 10, per_volume: int = 5, old=LAYOUT_COMMIT):
+def boxes(prepared_dir: str, old_prepared_dir: str, old: str, num_volumes: int = 10, per_volume: int = 5):
     """Time to read one 134 x 134 x 22 box from a prepared volume, cold (page cache dropped) and warm, median over
-    ``num_volumes`` x ``per_volume`` boxes: ``old`` commit's stored layout and reader (``old_prepared_dir``) vs this
+    ``num_volumes`` x ``per_volume`` boxes: git ref ``old``'s stored layout and reader (``old_prepared_dir``) vs this
     tree's (``prepared_dir``, the same sources). Needs root for the cold reads."""
     sides = {f"old ({old})": (_tree(old), old_prepared_dir), "new": (os.getcwd(), prepared_dir)}
     print(f"{num_volumes} volumes x {per_volume} boxes of {BOX}, median ms per box read")

@@ -1,19 +1,29 @@
-"""Benchmarks of the pretraining hot path: view generation, and one step split by component.
+"""Benchmarks of the pretraining hot path: view generation, one step split by component, and the GPU speed table.
 
     python scripts/benchmark_pretrain.py views --image ../shared/data/unlabeled/CRLM-CT-1004_ct.nii.gz
     python scripts/benchmark_pretrain.py step --method pgl --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
     python scripts/benchmark_pretrain.py step --method byol --layers "[3,4,6,3]" --patch "[96,96,16]" --batch 2
     python scripts/benchmark_pretrain.py step --method pgl --batch 32 --amp --peak_tflops 989  # on a GPU
-    python scripts/benchmark_pretrain.py step --batch 128 --amp --channels_last --cudnn_benchmark --fused --compile \
-        --noparts  # the GPU defaults of configs/pretrain.json; scripts/gpu_check.py runs every setting
+    python scripts/benchmark_pretrain.py step --batch 128 --amp --channels_last --cudnn_benchmark --fused --compile \\
+        --noparts  # the GPU defaults of configs/pretrain.json
+    python scripts/benchmark_pretrain.py table --out runs/speed --data ../shared/data/unlabeled  # every setting
+    python scripts/benchmark_pretrain.py table --out /tmp/speed --tiny --budget 1200  # CPU smoke test of the table
 
 Prints figures and ratios (numbers go to docs/benchmarks.md); asserts nothing.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import re
 import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import fire
@@ -320,5 +330,230 @@ def step(
     print("RESULT " + json.dumps(result))
 
 
+# The speed table: every setting of configs/pretrain.json's GPU defaults, each row adding its option to the row before
+# (`step`'s flags), then the largest batch, a real bundle run, and the other compile modes.
+SPEED_SETTINGS = [
+    ("fp32", []),
+    ("+ bf16 autocast", ["--amp"]),
+    ("+ channels-last", ["--amp", "--channels_last"]),
+    ("+ cudnn.benchmark", ["--amp", "--channels_last", "--cudnn_benchmark"]),
+    ("+ fused Adam, foreach EMA", ["--amp", "--channels_last", "--cudnn_benchmark", "--fused"]),
+]
+BEST_EAGER = SPEED_SETTINGS[-1][1]
+COMPILED = [*BEST_EAGER, "--compile", "--noparts"]
+TINY_STEP = {"layers": [1, 1, 1, 1], "width": [8, 8, 8, 8], "patch": [32, 32, 16], "hidden": 32}
+TINY_RUN = {"encoder_layers": [1, 1, 1, 1], "encoder_width": [8, 8, 8, 8], "patch_size": [32, 32, 16]}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the rows run there (configs/ relative)
+REAL_EPOCH_PAIRS = 1800  # view pairs per epoch of the real run: the paper's epoch (about 1,800 volumes)
+THROUGHPUT_LOG = re.compile(
+    r"iteration (\d+): ([\d.e+]+) view pairs/s \(all processes\), ([\d.]+) % of the time waiting"
+)
+
+
+class _SpeedTable:
+    """Runs the rows of :func:`table` within a time budget; keeps every figure in ``results`` and ``out``'s log."""
+
+    def __init__(self, out: str, budget: float, slowdown: float) -> None:
+        self.out, self.deadline, self.slowdown = out, time.time() + budget, slowdown
+        self.results: dict = {"steps": [], "skipped": []}
+        self.log = open(os.path.join(out, "speed.log"), "a")
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def skip(self, what: str, why: str) -> None:
+        self.results["skipped"].append(f"{what}: {why}")
+        self.say(f"SKIPPED {what}: {why}")
+
+    def bench(self, name: str, batch: int, flags: list[str], network: dict, limit: float = 150) -> dict | None:
+        """:func:`step` in its own process (a fresh CUDA context, an out-of-memory kills only it); its RESULT, or
+        None when it failed or ran out of time."""
+        if self.left() < 30:
+            return self.skip(f"{name}, batch {batch}", "no time left")
+        args = [f"--{k}={json.dumps(v)}" for k, v in network.items()]
+        cmd = [sys.executable, __file__, "step", f"--batch={batch}", "--repeats=5", "--warmup=2", *args, *flags]
+        self.say(f"\n=== {name}, batch {batch}: {' '.join(cmd[1:])}")
+        try:
+            proc = subprocess.run(
+                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=min(limit * self.slowdown, self.left())
+            )
+        except subprocess.TimeoutExpired:
+            return self.skip(f"{name}, batch {batch}", "timed out")
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "Warning" not in line]
+        self.say("\n".join(lines[-14:]))
+        found = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not found:
+            self.say(f"FAILED (exit {proc.returncode})")
+            self.results["steps"].append({"setting": name, "batch": batch, "failed": lines[-1] if lines else ""})
+            return None
+        result = {"setting": name, **json.loads(found[0])}
+        self.results["steps"].append(result)
+        return result
+
+    def real_run(self, batch: int, data: str, seconds: float, overrides: dict) -> dict | None:
+        """``python -m monai.bundle run training`` (configs/pretrain.json as it is, on ``data``) for ``seconds``;
+        view pairs/s and data wait from :class:`pgl_bundle.ThroughputHandler`'s log, its first two windows
+        (compilation, cuDNN autotuning, the first epoch's start) left out."""
+        from pgl_bundle.data import load_datalist
+
+        seconds = min(seconds, self.left() - 20)
+        if seconds < 30:
+            return self.skip("real run", "no time left")
+        repeats = -(-REAL_EPOCH_PAIRS // len(load_datalist(data)))
+        values = {"batch_size": batch, "dataset_dir": data, "volume_repeats": repeats, "max_epochs": 100000}
+        values |= {"checkpoint_interval": 10, **overrides}  # a checkpoint every 10 epochs, as the paper preset
+        args = [a for k, v in values.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+        work = tempfile.mkdtemp(prefix="speed_table_")
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/pretrain.json"]
+        cmd += ["--logging_file", "configs/logging.conf", "--bundle_root", work, *args]
+        self.say(f"\n=== real run, batch {batch}, {seconds:.0f} s: {' '.join(cmd[1:])}")
+        log_path = os.path.join(self.out, "real_run.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)  # its checkpoints: a ResNet-50's are 1.1 GB each
+        text = open(log_path).read()
+        windows = [(int(i), float(r), float(w)) for i, r, w in THROUGHPUT_LOG.findall(text)]
+        self.say("\n".join(line for line in text.splitlines() if "pairs/s" in line or "Error" in line)[-3000:])
+        steady = windows[2:]
+        if not steady:
+            self.say(f"FAILED: {len(windows)} throughput windows in {seconds:.0f} s ({log_path})")
+            self.results["real_run"] = {"batch": batch, "failed": text.splitlines()[-1] if text else ""}
+            return None
+        rates, waits = [r for _, r, _ in steady], [w for _, _, w in steady]
+        result = {
+            "batch": batch,
+            "seconds": seconds,
+            "iterations": windows[-1][0],
+            "windows": len(steady),
+            "pairs_per_s_median": statistics.median(rates),
+            "pairs_per_s_min": min(rates),
+            "pairs_per_s_max": max(rates),
+            "data_wait_percent_median": statistics.median(waits),
+        }
+        self.results["real_run"] = result
+        self.say(f"real run: {result}")
+        return result
+
+
+def _table_rows(results: dict) -> list[dict]:
+    """One flat row per isolated step (the CSV's and the markdown table's)."""
+    rows = []
+    for r in results["steps"]:
+        row = {"setting": r["setting"], "batch": r["batch"], "failed": r.get("failed", "")}
+        for key in ("pairs_per_s", "step_ms", "tflops", "percent_of_peak", "peak_gpu_mib"):
+            row[key] = "" if r.get(key) is None else round(r[key], 2)
+        rows.append(row)
+    return rows
+
+
+def _markdown(results: dict) -> str:
+    lines = [
+        f"Device: {results['device']}, torch {results['torch']}, {results['date']}.\n",
+        "| setting | batch | view pairs / s | step (ms) | TFLOP/s | % of bf16 peak | peak GPU memory (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in _table_rows(results):
+        if row["failed"]:
+            lines.append(f"| {row['setting']} | {row['batch']} | failed: {row['failed'][:60]} | | | | |")
+            continue
+        cells = [row[k] if row[k] != "" else "-" for k in ("pairs_per_s", "step_ms", "tflops", "percent_of_peak")]
+        lines.append(
+            f"| {row['setting']} | {row['batch']} | "
+            + " | ".join(map(str, cells))
+            + f" | {row['peak_gpu_mib'] or '-'} |"
+        )
+    real = results.get("real_run")
+    if real and "pairs_per_s_median" in real:
+        lines.append(
+            f"\nReal run (`monai.bundle run training`, configs/pretrain.json's defaults), batch {real['batch']}: "
+            f"{real['pairs_per_s_median']:.1f} view pairs/s (median of {real['windows']} windows, "
+            f"{real['pairs_per_s_min']:.1f}-{real['pairs_per_s_max']:.1f}), {real['data_wait_percent_median']:.1f} % "
+            f"waiting for data; real / isolated: {results.get('real_over_isolated', float('nan')):.2f}"
+        )
+    if results.get("largest_batch"):
+        lines.append(f"\nLargest batch that ran (of those tried): {results['largest_batch']}")
+    if results["skipped"]:
+        lines.append("\nSkipped: " + "; ".join(results["skipped"]))
+    return "\n".join(lines) + "\n"
+
+
+def table(
+    out: str,
+    data: str = "",
+    budget: float = 900,
+    real_seconds: float = 150,
+    batches=(32, 64, 96, 128),
+    tiny: bool = False,
+    slowdown: float = 1.0,
+):
+    """The pretraining step's speed table, lower-priority rows skipped (and listed) when ``budget`` seconds run out:
+
+    1. the isolated step (:func:`step`, own process each) at the first of ``batches``: fp32, + bf16, + channels-last,
+       + cudnn.benchmark, + fused Adam and foreach EMA, + torch.compile (default mode);
+    2. the last setting without compile at each further batch, until one fails (out of memory): the largest that
+       runs is the batch of rows 3-4;
+    3. a real ``python -m monai.bundle run training`` on the CT of ``data`` (default ``$PGL_DATA_DIR/unlabeled``)
+       for ``real_seconds`` with configs/pretrain.json's defaults at that batch;
+    4. the isolated step with those defaults (+ compile) at that batch, and the ratio real / isolated;
+    5. torch.compile's "reduce-overhead" (CUDA graphs) and "max-autotune" modes at the first batch.
+
+    ``tiny``: a CPU smoke test (tiny network and patch, no compile rows, batches 2 and 4, 2 threads); ``slowdown``
+    multiplies each row's time limit (a loaded machine). Writes ``out``/speed.log (all output), results.json (every
+    figure), speed.csv and speed.md (the table).
+    """
+    import torch
+
+    os.makedirs(out, exist_ok=True)
+    data = os.path.abspath(data or os.path.join(os.environ.get("PGL_DATA_DIR", "../shared/data"), "unlabeled"))
+    if not os.path.isdir(data):
+        raise SystemExit(f"{data}: no such folder of CT volumes for the real run (set PGL_DATA_DIR or --data)")
+    check = _SpeedTable(out, budget, slowdown)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    check.results |= {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    check.say(f"device: {device}, torch {torch.__version__}")
+    network = TINY_STEP if tiny else {}
+    batches = (2, 4) if tiny else tuple(batches)
+    threads = ["--threads=2"] if tiny else []
+    for name, flags in SPEED_SETTINGS:  # 1.
+        check.bench(name, batches[0], flags + threads, network)
+    if not tiny:
+        check.bench("+ torch.compile (default mode)", batches[0], COMPILED, network, limit=240)
+    largest = batches[0]  # 2.
+    for batch in batches[1:]:
+        if not check.bench("bf16, channels-last, cudnn.benchmark, fused", batch, BEST_EAGER + threads, network):
+            break
+        largest = batch
+    check.results["largest_batch"] = largest
+    run_overrides = {**TINY_RUN, "num_workers": 0} if tiny else {"num_workers": min(12, os.cpu_count() or 1)}
+    real = check.real_run(largest, data, real_seconds, run_overrides)  # 3.
+    name = "CPU defaults (fp32, eager)" if tiny else "GPU defaults (+ compile)"
+    isolated = check.bench(name, largest, ["--noparts", *threads] if tiny else COMPILED, network, limit=240)  # 4.
+    if real and isolated:
+        check.results["real_over_isolated"] = real["pairs_per_s_median"] / isolated["pairs_per_s"]
+        check.say(f"real / isolated: {check.results['real_over_isolated']:.2f}")
+    for mode in () if tiny else ("reduce-overhead", "max-autotune"):  # 5.
+        check.bench(f"+ torch.compile ({mode})", batches[0], [*COMPILED, f"--compile_mode={mode}"], network, limit=300)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(check.results, f, indent=1)
+    rows = _table_rows(check.results)
+    with open(os.path.join(out, "speed.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["setting"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out, "speed.md"), "w") as f:
+        f.write(_markdown(check.results))
+    check.say("\n" + _markdown(check.results))
+
+
 if __name__ == "__main__":
-    fire.Fire({"views": views, "step": step})
+    fire.Fire({"views": views, "step": step, "table": table})

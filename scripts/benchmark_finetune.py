@@ -19,7 +19,6 @@ from functools import partial
 import fire
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.blocks import UnetBasicBlock, UpSample
 from monai.networks.nets import UNet
 from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
 from torch import nn
@@ -36,43 +35,13 @@ def reference_unet(out_channels: int = 2) -> UNet:
     )
 
 
-class OldDecoderStage(nn.Module):
-    """The decoder stage before the light decoder (commit 55ec322), kept here as the baseline: upsample, concatenate
-    the full-width skip, two 3x3x3 convolutions over the concatenation, at every stage including full resolution."""
-
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scale) -> None:
-        super().__init__()
-        self.upsample = UpSample(3, in_channels, out_channels, scale_factor=tuple(scale), mode="deconv")
-        self.block = UnetBasicBlock(
-            3, out_channels + skip_channels, out_channels, kernel_size=3, stride=1, norm_name="instance"
-        )
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.block(torch.cat([self.upsample(x), skip], dim=1))
-
-
-def old_network(encoder_args: dict, widths=(256, 128, 64, 32, 16)) -> PGLSegmentationNet:
-    """PGLSegmentationNet with the old decoder (same encoder, same head)."""
-    encoder = PGLResNetEncoder(**encoder_args)
-    net = PGLSegmentationNet(encoder, 2, decoder_channels=widths)
-    skips = (encoder.conv1.in_channels, *encoder.out_channels[:-1])[::-1]
-    net.decoder = nn.ModuleList(
-        OldDecoderStage(c_in, c_skip, c_out, scale)
-        for c_in, c_skip, c_out, scale in zip(
-            (encoder.out_channels[-1], *widths[:-1]), skips, widths, encoder.stage_strides[::-1]
-        )
-    )
-    return net
-
-
 def _networks(resnet50: bool, decoders) -> dict[str, Callable[[], nn.Module]]:
     """Name -> constructor (called on the meta device to count FLOPs, on the CPU to time)."""
     nets = {"MONAI UNet (reference)": reference_unet}
     encoders = {"small [1,1,1,1] x [32..256]": SMALL} | ({"ResNet-50": RESNET50} if resnet50 else {})
     for name, encoder in encoders.items():
-        nets[f"PGL {name}, old decoder [256,128,64,32,16]"] = partial(old_network, encoder)
         for widths in decoders:
-            nets[f"PGL {name}, light decoder {list(widths)}"] = partial(
+            nets[f"PGL {name}, decoder {list(widths)}"] = partial(
                 lambda e, w: PGLSegmentationNet(PGLResNetEncoder(**e), 2, decoder_channels=w), encoder, widths
             )
     return nets

@@ -7,6 +7,8 @@ Where each concept of the paper lives:
 - aligner: :mod:`pgl_bundle.networks.aligner`; dual-path module: :mod:`pgl_bundle.networks.dual_path`
 - loss: :mod:`pgl_bundle.losses`; EMA momentum: :mod:`pgl_bundle.ema`
 - trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`; its speed: :mod:`pgl_bundle.throughput`
+- what pretraining does to the data: pictures of the views :mod:`pgl_bundle.show_views`; collapse signal
+  :mod:`pgl_bundle.collapse`
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`
 - data and its checks: :mod:`pgl_bundle.data`; prepared once, memory-mapped: :mod:`pgl_bundle.data.prepared`
 - evaluation: the dense probe :mod:`pgl_bundle.networks.probe` and :mod:`pgl_bundle.probe_curve`; fine-tuning
@@ -16,6 +18,7 @@ Where each concept of the paper lives:
 - publishing weights: :mod:`pgl_bundle.release`
 """
 
+from .collapse import CollapseSignalHandler, collapse_signal
 from .data import (
     LoadPreparedd,
     check_checkpoint,

@@ -5,6 +5,8 @@ Commands:
     probe_curve  dense-probe Dice against pretraining iterations (:func:`pgl_bundle.probe_curve.probe_curve`)
     prepare    preprocess a CT set once for pretraining (:func:`pgl_bundle.data.prepare`; also configs/prepare.json)
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
+    show_views  draw PGL's two views of a few volumes, their boxes and the aligner's overlap
+               (:func:`pgl_bundle.show_views.show_views`)
     publish    write large_files.yml (URLs, md5 hashes) of released weights
                (:func:`pgl_bundle.release.write_large_files`)
     pack       zip the bundle for ``python -m monai.bundle download`` (:func:`pgl_bundle.release.pack`)
@@ -17,6 +19,7 @@ from pgl_bundle.compare import compare
 from pgl_bundle.data import make_synthetic_dataset, prepare
 from pgl_bundle.probe_curve import probe_curve
 from pgl_bundle.release import pack, write_large_files
+from pgl_bundle.show_views import show_views
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
@@ -26,6 +29,7 @@ if __name__ == "__main__":
             "prepare": prepare,
             "probe_curve": probe_curve,
             "synthetic": make_synthetic_dataset,
+            "show_views": show_views,
             "publish": write_large_files,
             "pack": pack,
         }

@@ -15,18 +15,22 @@ MONAI's ``Workflow`` calls ``sampler.set_epoch(epoch)`` at every epoch start (it
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import ignite.distributed as idist
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.data import DistributedSampler
 from monai.transforms import Compose, Randomizable
 from monai.utils import MAX_SEED
 from torch.utils.data import Dataset
 
-__all__ = ["EpochSeededDataset", "ResumableSampler", "rank_zero_first"]
+__all__ = ["EpochSeededDataset", "ResumableSampler", "each_node_first", "rank_zero_first"]
 
 T = TypeVar("T")
 
@@ -38,6 +42,33 @@ def rank_zero_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """
     with idist.one_rank_first():
         return fn(*args, **kwargs)
+
+
+@contextmanager
+def each_node_first() -> Iterator[bool]:
+    """Run the block in the first process of each node before the other processes, e.g. to write node-local files.
+
+    Yields whether this process is its node's first (the lowest global rank of its node). A node is a ``torchrun``
+    agent (its ``GROUP_RANK``; the host name without ``torchrun``), so that nodes simulated on one machine count
+    apart. The first processes of all nodes run the block at the same time; every other process waits at one
+    barrier of the whole job until they all finished. Outside ``torch.distributed``: just the block.
+
+    Hand-written because ignite's ``one_rank_first(local=True)`` takes the local rank from ``SLURM_LOCALID`` under
+    SLURM (and writes it into ``LOCAL_RANK``): 0 for every process of a ``torchrun`` that ``srun`` starts once per
+    node, so every process would go first.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield True
+        return
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, os.environ.get("GROUP_RANK") or socket.gethostname())
+    rank = dist.get_rank()
+    first = nodes.index(nodes[rank]) == rank
+    if not first:
+        dist.barrier()
+    yield first
+    if first:
+        dist.barrier()
 
 
 class ResumableSampler(DistributedSampler):

@@ -38,6 +38,7 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, CropForegroundd, EnsureTyped, MapTransform, Orientationd, Spacingd, SpatialPadd
 from tqdm import tqdm
 
+from ..distributed import each_node_first
 from ..errors import BadInputError, InputNotFoundError
 from .checks import _read, _summary, check_hounsfield, check_image
 from .datalist import load_datalist
@@ -232,8 +233,12 @@ def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequen
     }
 
 
-def _write_manifest(prepared_dir: str, settings: dict, entries: dict[str, dict], order: Sequence[str]) -> None:
+def _write_manifest(
+    prepared_dir: str, settings: dict, entries: dict[str, dict], order: Sequence[str], previous: dict | None = None
+) -> None:
     manifest = {"settings": settings, "volumes": [{"source": s, **entries[s]} for s in order if s in entries]}
+    if manifest == previous:  # nothing new: the processes that find a folder prepared (other ranks) write nothing
+        return
     path = os.path.join(prepared_dir, MANIFEST)
     with open(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
@@ -367,7 +372,7 @@ def prepare(
     # volumes of other datalists (or beyond num_items) stay while their source exists: a short run loses nothing
     others = [s for s in known if s not in entries and known[s]["stamp"] is not None and _stamp(s) == known[s]["stamp"]]
     entries.update({s: known[s] for s in others})
-    _write_manifest(prepared_dir, settings, entries, sources + others)
+    _write_manifest(prepared_dir, settings, entries, sources + others, previous)
     kept = {e["array"] for e in entries.values() if "array" in e}
     for name in os.listdir(prepared_dir):  # arrays of sources gone or changed, and temporaries of a killed run
         if name.endswith(".npy") and name not in kept:
@@ -412,6 +417,7 @@ def training_datalist(
     cache_dir: str,
     num_workers: int = 1,
     skip_bad: bool = False,
+    storage: str = "shared",
     **settings,
 ) -> list[dict]:
     """Pretraining's datalist of prepared volumes, whichever of ``dataset_dir`` / ``prepared_dir`` is given.
@@ -420,18 +426,24 @@ def training_datalist(
     - ``dataset_dir`` (or neither: the embedded synthetic set in ``synthetic_dir``): :func:`prepare` it into
       ``prepared_dir``, or without one into a folder of ``cache_dir`` named after the source, reused by later runs.
 
-    Under ``torchrun``, rank 0 prepares while the others wait at a barrier (the process group's timeout bounds that
-    wait: prepare large sets beforehand). ``settings``: ``hu_window``, ``pixdim``, ``min_size``,
+    Under ``torchrun``, with ``storage`` "shared" (the prepared folder on storage that every node reads), rank 0
+    prepares while the others wait at a barrier; with "local" (a folder on each node's own disk) the first process of
+    each node prepares its node's copy (:func:`~pgl_bundle.distributed.each_node_first`). The process group's timeout
+    bounds that wait: prepare large sets beforehand. The embedded synthetic set is made by rank 0 either way (in
+    ``synthetic_dir``, on shared storage). ``settings``: ``hu_window``, ``pixdim``, ``min_size``,
     ``min_image_size``, ``num_items``, ``require_hu``, as in :func:`prepare`.
     """
+    if storage not in ("shared", "local"):
+        raise ValueError(f"prepared_storage: 'shared' or 'local', not {storage!r} (docs/production.md, Multi-node).")
     with idist.one_rank_first():
         if prepared_dir and not dataset_dir:
             return load_prepared(prepared_dir, **settings)
         from . import resolve_dataset
 
         source = os.path.abspath(resolve_dataset(dataset_dir, synthetic_dir))
-        if not prepared_dir:
-            name = os.path.basename(os.path.dirname(source) if source.endswith(".json") else source.rstrip(os.sep))
-            prepared_dir = os.path.join(cache_dir, f"{name}_{hashlib.sha1(source.encode()).hexdigest()[:10]}")
-            logger.info(f"no prepared_dir given: using the prepared-data cache {prepared_dir} for {source}")
+    if not prepared_dir:
+        name = os.path.basename(os.path.dirname(source) if source.endswith(".json") else source.rstrip(os.sep))
+        prepared_dir = os.path.join(cache_dir, f"{name}_{hashlib.sha1(source.encode()).hexdigest()[:10]}")
+        logger.info(f"no prepared_dir given: using the prepared-data cache {prepared_dir} for {source}")
+    with idist.one_rank_first() if storage == "shared" else each_node_first():
         return prepare(source, prepared_dir, num_workers=num_workers, skip_bad=skip_bad, **settings)

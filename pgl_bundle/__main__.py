@@ -17,12 +17,14 @@ import logging
 import fire
 from pgl_bundle.compare import compare
 from pgl_bundle.data import make_synthetic_dataset, prepare
+from pgl_bundle.errors import report_user_errors_last
 from pgl_bundle.probe_curve import probe_curve
 from pgl_bundle.release import pack, write_large_files
 from pgl_bundle.show_views import show_views
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
+    report_user_errors_last()
     fire.Fire(
         {
             "compare": compare,

@@ -1,30 +1,40 @@
-"""Errors the user can fix (bad data, an occupied output folder, a full disk), and showing them last.
+"""Errors the user can fix (bad data, an occupied or unwritable output folder, a full disk), and how they are shown.
 
 ``python -m monai.bundle run`` wraps any error raised while a config expression is evaluated in
-``RuntimeError: Failed to evaluate ConfigExpression ...``, whose traceback (about 50 lines) then ends the output and
-hides the actual message in the middle. :func:`report_user_errors_last` keeps Python's traceback (nothing is hidden)
-and repeats the message of any :class:`UserError` in the chain after it, as the last lines printed. MONAI offers no
-hook for this, hence ``sys.excepthook``.
+``RuntimeError: Failed to evaluate ConfigExpression ...``, whose traceback (60 to 90 lines) would bury the actual
+message. :func:`report_user_errors_last` makes an uncaught :class:`UserError` (found anywhere in the exception's chain
+of causes and contexts) print as its message alone, as command-line tools do; ``PGL_DEBUG=1`` in the environment
+prints Python's full traceback before it. Other exceptions print as usual. MONAI offers no hook for this, hence
+``sys.excepthook``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 import traceback
 from types import TracebackType
 
 __all__ = [
+    "DEBUG_VARIABLE",
     "BadInputError",
     "DiskSpaceError",
     "InputNotFoundError",
     "OutputExistsError",
+    "OutputFolderError",
     "UserError",
     "found_instead",
+    "free_space",
+    "full_disk_error",
     "report_user_errors_last",
     "require_file",
+    "size_text",
     "user_error_in_chain",
 ]
+
+DEBUG_VARIABLE = "PGL_DEBUG"  # set (to anything but "" or "0"): a user error prints Python's traceback too
 
 
 class UserError(Exception):
@@ -44,7 +54,17 @@ class OutputExistsError(UserError, FileExistsError):
 
 
 class DiskSpaceError(UserError, OSError):
-    """Not enough free disk space for the checkpoints, found before training or when a save fails."""
+    """Not enough free disk space (checkpoints, prepared arrays), found before the work starts or when a write fails.
+
+    Raised as ``DiskSpaceError(errno.ENOSPC, message)``; it reads as the message alone, without ``[Errno 28]``.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class OutputFolderError(UserError, OSError):
+    """A folder the run writes cannot be created or written (read-only, no permission, a file on its path)."""
 
 
 _SHOWN = 5  # names quoted in a message
@@ -67,6 +87,38 @@ def require_file(path: str, what: str) -> str:
     return path
 
 
+def size_text(num_bytes: float) -> str:
+    """``"916 MB"``, ``"2.02 GB"`` (decimal units, as ``ls`` and ``df -H`` count): a size for a message."""
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
+
+
+def free_space(folder: str) -> tuple[int, str]:
+    """Free bytes on the disk that holds ``folder`` (or would: its nearest existing parent), and that parent."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free, existing
+
+
+def full_disk_error(error: BaseException, folder: str, needed: int = 0) -> OSError | None:
+    """The error in ``error``'s chain that says the disk of ``folder`` is full, or None.
+
+    That is an ``OSError`` with errno ENOSPC or EDQUOT, also as the context of another error (``torch.save`` raises
+    ``RuntimeError: [enforce fail at inline_container.cc] ...`` with it), or any ``OSError`` without an errno while
+    fewer than ``needed`` bytes are free (NumPy's short write: ``OSError: 1240932 requested and 466880 written``).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return error
+            if error.errno is None and free_space(folder)[0] < needed:
+                return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def user_error_in_chain(error: BaseException | None) -> UserError | None:
     """The first :class:`UserError` in ``error``'s chain of causes and contexts, or None."""
     seen = set()
@@ -79,16 +131,19 @@ def user_error_in_chain(error: BaseException | None) -> UserError | None:
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-    traceback.print_exception(kind, error, tb)
     cause = user_error_in_chain(error)
+    if cause is None or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0"):
+        traceback.print_exception(kind, error, tb)
     if cause is not None:
         text = cause.args[-1] if cause.args else str(cause)  # OSError(errno, message): the message
-        print(f"\nERROR: {type(cause).__name__}: {text}", file=sys.stderr)
+        print(f"ERROR: {type(cause).__name__}: {text}", file=sys.stderr)
 
 
 def report_user_errors_last() -> None:
-    """Make an uncaught :class:`UserError` the last thing printed: after the usual traceback, its message again.
+    """Make an uncaught :class:`UserError` print as its message alone: ``ERROR: <kind>: <message>``.
 
-    Called by the configs' first ``run`` step; idempotent. Other exceptions print exactly as before.
+    The traceback is printed before it only with ``PGL_DEBUG=1`` (:data:`DEBUG_VARIABLE`). Called by the configs'
+    first ``run`` or ``initialize`` step and by ``python -m pgl_bundle``; idempotent. Other exceptions print exactly
+    as before.
     """
     sys.excepthook = _excepthook

@@ -24,7 +24,6 @@ import contextlib
 import glob
 import logging
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 from pgl_bundle.distributed import ResumableSampler
-from pgl_bundle.errors import DiskSpaceError
+from pgl_bundle.errors import DiskSpaceError, free_space, full_disk_error, size_text
 from pgl_bundle.run_folder import read_run_id
 from torch import nn
 
@@ -51,27 +50,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _size(num_bytes: float) -> str:
-    """``"916 MB"``, ``"2.02 GB"`` (decimal units, as ``ls`` and ``df -H`` count): a size for a message."""
-    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
-
-
-def _free_bytes(folder: str) -> tuple[int, str]:
-    """Free bytes on the disk that holds ``folder`` (or would: its nearest existing parent), and that parent."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    return shutil.disk_usage(existing).free, existing
-
-
 def _disk(folder: str) -> int:
     """The device id of the disk that holds (or would hold) ``folder``."""
-    return os.stat(_free_bytes(folder)[1]).st_dev
+    return os.stat(free_space(folder)[1]).st_dev
 
 
 class _SafeDiskSaver(DiskSaver):
     """ignite's ``DiskSaver`` (with MONAI's fixed file name) that leaves no temporary file and never less than the
-    previous checkpoint: files it is asked to remove are removed only after the next save succeeded."""
+    previous checkpoint: files it is asked to remove are removed only after the next save succeeded. Its folder is
+    created by the first save, not when the saver is built."""
+
+    @staticmethod
+    def _check_and_setup(dirname, create_dir: bool, require_empty: bool) -> None:
+        """Nothing to set up before the first save (ignite's creates ``dirname``)."""
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
@@ -83,6 +74,7 @@ class _SafeDiskSaver(DiskSaver):
         if idist.get_rank() != self.save_on_rank:
             return
         path = os.path.join(self.dirname, self.filename or filename)
+        os.makedirs(self.dirname, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=self.dirname, prefix="tmp", suffix=".pt.partial")
         try:
             with os.fdopen(fd, "wb") as f:  # closing flushes: a full disk may only show here, inside the try
@@ -91,12 +83,13 @@ class _SafeDiskSaver(DiskSaver):
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.remove(temporary)
-            if isinstance(e, OSError) and not isinstance(e, DiskSpaceError):
-                free, _ = _free_bytes(self.dirname)
+            full = full_disk_error(e, self.dirname)
+            if full is not None:
+                free, _ = free_space(self.dirname)
                 raise DiskSpaceError(
-                    e.errno,
-                    f"{path}: saving the checkpoint failed ({e.strerror or e}); {_size(free)} free on that "
-                    f"disk. Nothing was left half-written. Last good checkpoint here: "
+                    full.errno,
+                    f"disk full: {path}: saving the checkpoint failed ({full.strerror or full}); {size_text(free)} "
+                    f"free on that disk. Nothing was left half-written. Last good checkpoint here: "
                     f"{self.last_saved or 'none yet'}. Free some space (or set --ckpt_dir to another disk), then "
                     "continue with --resume_from latest.",
                 ) from e
@@ -121,7 +114,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
       (``os.replace``, atomic on POSIX); on any error (a full disk) the temporary file is removed and a
       :class:`~pgl_bundle.errors.DiskSpaceError` names the file, the free space and the last good checkpoint. Only a
       kill during a save leaves a temporary file, and the previous files intact.
-    - With ``n_saved`` files kept, the oldest is removed after the next one is written, not before.
+    - With ``n_saved`` files kept, the oldest is removed after the next one is written, not before. A resumed run
+      (its ``save_dict`` holding the :class:`~pgl_bundle.run_folder.RunFolder` as ``run``) takes over the files the
+      same run wrote before it was stopped: ``n_saved`` holds across restarts.
     - The final checkpoint is a hard link to the last interval checkpoint when that holds the same trainer iteration
       (the usual end of a run: the last epoch's checkpoint), so the state is on disk once.
 
@@ -129,11 +124,53 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        save_dir = os.path.abspath(kwargs["save_dir"] if "save_dir" in kwargs else args[0])
+        missing = []  # the folders of save_dir's path that do not exist yet, deepest first
+        while not os.path.exists(save_dir):
+            missing.append(save_dir)
+            save_dir = os.path.dirname(save_dir)
         super().__init__(*args, **kwargs)
+        for folder in missing:  # MONAI's saver makes them when built: a run refused before its first save keeps none
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         self._last_interval: tuple[int, str] | None = None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _SafeDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self._interval_checkpoint is not None and self._interval_checkpoint.n_saved is not None:
+            engine.add_event_handler(Events.STARTED, self._adopt_own_checkpoints)
+
+    def _own_checkpoints(self) -> list[tuple[int, str]]:
+        """``(epoch or iteration, file name)`` of the interval checkpoints in ``save_dir`` written by this run (the
+        ``run`` entry of ``save_dict``), oldest first; none for a saver without one."""
+        interval, run = self._interval_checkpoint, self.save_dict.get("run")
+        if interval is None or run is None:
+            return []
+        run_id = run.state_dict()["run_id"]
+        found = []
+        for path in glob.glob(os.path.join(glob.escape(self.save_dir), f"*_{interval.score_name}=*.pt")):
+            number = os.path.basename(path)[: -len(".pt")].rpartition("=")[2]
+            stored = _checkpoint_run(path) if number.isdigit() else None
+            if stored is not None and stored[1] == run_id:
+                found.append((int(number), os.path.basename(path)))
+        return sorted(found)
+
+    def _adopt_own_checkpoints(self, engine: Engine) -> None:
+        """At the start of a resumed run, after ``CheckpointLoader`` restored the trainer: rotate the interval
+        checkpoints this run wrote before it was stopped (up to the restored epoch or iteration) as if this process
+        had written them; ignite's ``Checkpoint`` knows only the files of its own process. Files beyond ``n_saved``
+        are removed after the next save succeeded."""
+        done = engine.state.epoch if self.epoch_level else engine.state.iteration
+        own = [item for item in self._own_checkpoints() if item[0] <= done]
+        if not own:
+            return
+        kept = own[-self._interval_checkpoint.n_saved :]
+        self._interval_checkpoint.load_state_dict({"_saved": kept})
+        self._interval_checkpoint.save_handler._to_remove.extend(name for _, name in own[: len(own) - len(kept)])
+        logger.info(f"{self.save_dir}: this run's {[name for _, name in own]} are rotated as its new checkpoints are.")
 
     def interval_completed(self, engine: Engine) -> None:
         super().interval_completed(engine)
@@ -161,13 +198,20 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().exception_raised(engine, e)
 
     def bytes_needed(self) -> int:
-        """Disk space this saver may hold at once: :func:`checkpoint_bytes` of its ``save_dict`` per file kept, plus
-        one for the temporary file of the save in progress (interval savers; the final checkpoint is written when
-        no interval save is under way, or is a link). A saver that keeps every file (``n_saved`` None) grows with
-        the run: only its first file and the one being written are counted."""
-        interval = self._interval_checkpoint
-        files = ((interval.n_saved or 1) + 1) if interval is not None else 1
-        return checkpoint_bytes(self.save_dict) * files
+        """Disk space this saver may still take at once: :func:`checkpoint_bytes` of its ``save_dict`` per file it
+        keeps (``n_saved`` interval files, ``key_metric_n_saved`` best ones), plus one for the temporary file of the
+        save in progress (the final checkpoint is written when no interval save is under way, or is a link).
+
+        The interval files this run wrote before a restart already hold their share (:meth:`_own_checkpoints`): a
+        resumed run needs room for one more file only. A saver that keeps every file (``n_saved`` None) grows with
+        the run: only its first file and the one being written are counted.
+        """
+        kept = 0
+        if self._interval_checkpoint is not None:
+            kept += max(0, (self._interval_checkpoint.n_saved or 1) - len(self._own_checkpoints()))
+        if self._key_metric_checkpoint is not None:
+            kept += self._key_metric_checkpoint.n_saved or 1
+        return checkpoint_bytes(self.save_dict) * (kept + 1)
 
 
 def checkpoint_bytes(save_dict: Mapping[str, object]) -> int:
@@ -195,8 +239,8 @@ def check_free_space(savers: Sequence[object]) -> int:
     """Stop before training when the checkpoints of ``savers`` cannot fit on their disks; return the bytes needed.
 
     Sums :meth:`AtomicCheckpointSaver.bytes_needed` per disk (other handlers in ``savers`` are ignored) and compares
-    it with the free space (``shutil.disk_usage``). Files already present are not counted as reusable, so the check
-    errs on the safe side when resuming.
+    it with the free space (``shutil.disk_usage``). Of the files already present, only the interval checkpoints of
+    the same run, which a resumed run rotates, count as reusable.
 
     Raises:
         DiskSpaceError: a disk has less free space than its savers need; the message gives both and the files.
@@ -204,21 +248,23 @@ def check_free_space(savers: Sequence[object]) -> int:
     needs: dict[int, list] = {}
     for saver in savers:
         if isinstance(saver, AtomicCheckpointSaver):
-            free, existing = _free_bytes(saver.save_dir)
-            needs.setdefault(_disk(saver.save_dir), [free, 0, [], existing])
-            needs[_disk(saver.save_dir)][1] += saver.bytes_needed()
-            needs[_disk(saver.save_dir)][2].append(saver.save_dir)
-    for free, need, folders, disk in needs.values():
-        logger.info(f"checkpoints in {sorted(set(folders))}: up to {_size(need)} at once, {_size(free)} free.")
+            free, existing = free_space(saver.save_dir)
+            need = needs.setdefault(_disk(saver.save_dir), [free, 0, [], existing, False])
+            need[1] += saver.bytes_needed()
+            need[2].append(saver.save_dir)
+            need[4] |= saver._interval_checkpoint is not None and not saver.epoch_level
+    for free, need, folders, disk, iteration_savers in needs.values():
+        logger.info(f"checkpoints in {sorted(set(folders))}: up to {size_text(need)} at once, {size_text(free)} free.")
         if need > free:
+            fewer = ", or save fewer checkpoints (--checkpoint_every_n_iterations 0)" if iteration_savers else ""
             raise DiskSpaceError(
                 28,
                 f"not enough free disk space for the checkpoints in {sorted(set(folders))}: they need up to "
-                f"{_size(need)} at once (network and optimizer state, times the files kept plus one being "
-                f"written), and {disk} has {_size(free)} free. Free some space, set --ckpt_dir to another "
-                "disk, or save less often (checkpoint_every_n_iterations 0).",
+                f"{size_text(need)} at once (network and optimizer state, times the files kept plus one being "
+                f"written), and {disk} has {size_text(free)} free. Free some space, or set --ckpt_dir to another "
+                f"disk{fewer}.",
             )
-    return sum(need for _, need, _, _ in needs.values())
+    return sum(need[1] for need in needs.values())
 
 
 def _checkpoint_run(path: str) -> tuple[int, str | None] | None:

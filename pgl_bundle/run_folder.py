@@ -9,6 +9,10 @@ in every training checkpoint (:class:`RunFolder` is an entry of the checkpoints'
 A new run into a folder that holds another run's outputs stops before reading any data, listing the files and the
 two ways on: continue that run (``--resume_from latest``) or start afresh (``--overwrite True``, which moves the old
 outputs into ``replaced_<run id>/`` beside them when the new run starts; nothing is deleted).
+
+Before any of that, :func:`check_writable` stops a run whose output folders cannot be written, and
+:class:`LazySummaryWriter` creates a TensorBoard event file only when the first value is logged, so that a run refused
+before training leaves the folders as they were.
 """
 
 from __future__ import annotations
@@ -20,18 +24,73 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from pgl_bundle.errors import OutputExistsError
+from pgl_bundle.errors import OutputExistsError, OutputFolderError
+from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["RunFolder", "read_run_id"]
+__all__ = ["LazySummaryWriter", "RunFolder", "check_writable", "read_run_id"]
 
 logger = logging.getLogger(__name__)
 
 _SHOWN = 6  # file names quoted in a message
+
+
+def _unwritable(folder: str) -> str:
+    """Why no file can be written in ``folder`` once created ("" when one can): a file on its path, or the error of
+    creating a file in it, or in its nearest existing parent (which is where the folder would be created)."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the one test that sees read-only mounts, ACLs and permissions
+            pass
+    except OSError as e:
+        return f"no file can be created in {existing} ({e.strerror or e})"
+    return ""
+
+
+def check_writable(folders: Mapping[str, str]) -> None:
+    """Stop before any work when a folder this run writes cannot be created or written; nothing is created.
+
+    Args:
+        folders: ``{folder: the option that moves it}``, e.g. ``{"models/checkpoints": "--ckpt_dir"}``; empty
+            folder names (outputs this run does not write) are skipped.
+
+    Raises:
+        OutputFolderError: one line per folder that cannot be written, naming it, the reason and the option.
+    """
+    problems = [
+        f"{folder}: {reason}. Write elsewhere with {option}."
+        for folder, option in folders.items()
+        if folder and (reason := _unwritable(folder))
+    ]
+    if len(problems) == 1:
+        raise OutputFolderError(f"output folder {problems[0]}")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise OutputFolderError(f"{len(problems)} output folders of this run cannot be written:\n  {listing}")
+
+
+class LazySummaryWriter(SummaryWriter):
+    """torch's ``SummaryWriter`` whose folder and event file are created when the first value is logged, not when it
+    is built: a run refused before training (an input check, the free-space check) leaves no empty event file.
+    Same arguments as ``SummaryWriter``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._building = True
+        super().__init__(*args, **kwargs)
+        self._building = False
+
+    def _get_file_writer(self):
+        # SummaryWriter.__init__ creates the file through this method, every add_* method through it on first use
+        return None if self._building else super()._get_file_writer()
 
 
 def read_run_id(record: str) -> str | None:
@@ -41,6 +100,14 @@ def read_run_id(record: str) -> str | None:
             return str(json.load(f)["run_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+class _NotYetRestored(logging.Filter):
+    """Drops ignite's "Engine run resuming from iteration 0, epoch 0 ...": MONAI's engines are built with a state, so
+    ignite logs every run as resumed, before a ``CheckpointLoader`` restored anything (:meth:`RunFolder.attach`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Engine run resuming from iteration 0, epoch 0 ")
 
 
 class RunFolder:
@@ -57,6 +124,8 @@ class RunFolder:
         overwrite: a new run may replace existing outputs; they are moved to ``replaced_<old run id>/`` in the
             folder that holds them all.
         resume_hint: how the user continues a run of this workflow (for the message); "" when it cannot be.
+        files: small JSON files the run writes when it starts, after the old outputs are moved aside, as
+            ``(path, content)`` pairs (e.g. the adaptation plan beside the weights: :mod:`pgl_bundle.transfer`).
     """
 
     def __init__(
@@ -66,8 +135,10 @@ class RunFolder:
         resume_path: str = "",
         overwrite: bool = False,
         resume_hint: str = "--resume_from latest",
+        files: Sequence[tuple[str, dict]] = (),
     ) -> None:
         self.record = os.path.abspath(record)
+        self.files = list(files)
         self.resume_path = resume_path
         previous = read_run_id(self.record)
         self.existing = sorted({os.path.abspath(p) for pattern in outputs for p in glob.glob(pattern)})
@@ -97,7 +168,20 @@ class RunFolder:
         return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.start())
+        """Call :meth:`start` when ``engine`` starts (attach after any ``CheckpointLoader``: the log then says where the
+        run starts from); ignite's own start line, logged before that restore, is dropped."""
+        engine.logger.addFilter(_NotYetRestored())
+        engine.add_event_handler(Events.STARTED, self._started)
+
+    def _started(self, engine: Engine) -> None:
+        self.start()
+        if idist.get_rank() != 0:
+            return
+        state = engine.state
+        where = f"resumed from {self.resume_path}" if self.resume_path else "a new run"
+        logger.info(
+            f"run {self.run_id}: {where}, at iteration {state.iteration}, epoch {state.epoch} of {state.max_epochs}."
+        )
 
     def start(self) -> None:
         """Move the outputs to replace aside and write the record (rank 0 only; idempotent)."""
@@ -125,6 +209,10 @@ class RunFolder:
         with open(self.record + ".tmp", "w") as f:
             json.dump(record, f, indent=1)
         os.replace(self.record + ".tmp", self.record)
+        for path, content in self.files:
+            with open(path + ".tmp", "w") as f:
+                json.dump(content, f, indent=1)
+            os.replace(path + ".tmp", path)
         logger.info(f"run {self.run_id}: recorded in {self.record}.")
 
     def state_dict(self) -> dict[str, str]:

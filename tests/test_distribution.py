@@ -6,11 +6,13 @@ import functools
 import hashlib
 import json
 import os
+import site
 import subprocess
 import sys
 import threading
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,8 +132,8 @@ def test_download_install_and_run_from_the_download_folder(release, tmp_path, sh
     """The documented user flow: download the zip, `pip install -e` the bundle, then pretrain, fine-tune and infer
     from the download folder with `python -m monai.bundle run ... --bundle_root <bundle>`.
 
-    A virtual environment (with the system's packages; pip offline) receives the install, so the `pgl_bundle` that runs
-    is the downloaded one; PYTHONPATH is dropped so that no checkout can stand in for it.
+    A virtual environment (with the test environment's packages; pip offline) receives the install, so the `pgl_bundle`
+    that runs is the downloaded one; PYTHONPATH is dropped so that no checkout can stand in for it.
     """
     _, url = release
     work = tmp_path / "downloads"
@@ -155,8 +157,13 @@ def test_download_install_and_run_from_the_download_folder(release, tmp_path, sh
         "--bundle_dir",
         ".",
     )
-    run(sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", "venv")  # pip and setuptools: ours
+    # A venv seeing the packages of the Python that runs these tests (pip, torch, setuptools>=77 as torch requires):
+    # --system-site-packages would show those of the base installation instead, whose setuptools may predate the
+    # pyproject's licence string (Python 3.11's venv default is 65.5), and which may lack torch altogether.
+    run(sys.executable, "-m", "venv", "--without-pip", "venv")
     python = str(work / "venv" / "bin" / "python")
+    venv_site = run(python, "-c", "import site; print(site.getsitepackages()[0])").strip().splitlines()[-1]
+    (Path(venv_site) / "tests_python.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run(
         sys.executable,
         "-m",

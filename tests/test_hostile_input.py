@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from pgl_bundle.data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset
+from pgl_bundle.errors import BadInputError, DiskSpaceError, report_user_errors_last
 from pgl_bundle.networks import PGLResNetEncoder
 from tiny import TINY_PRETRAIN
 
@@ -84,7 +85,10 @@ def test_volume_smaller_than_the_crop(tmp_path):
     small = nifti(tmp_path / "small.nii.gz", np.zeros((40, 40, 20), np.int16))
     assert check_datalist([{"image": small}], min_size=(32, 32, 16)) == [{"image": small}]
     message = problems([{"image": small}], min_size=(32, 32, 16), pixdim=(2.0, 2.0, 2.0))  # 20 x 20 x 10 resampled
-    assert f"{small}: is smaller than the crop: (20, 20, 10) voxels at pixdim (2.0, 2.0, 2.0)" in message
+    assert (
+        f"{small}: is smaller than the patch: (20, 20, 10) voxels at pixdim (2.0, 2.0, 2.0), the patch is "
+        "(32, 32, 16); thin scans can be padded up to it instead (--min_image_size null)"
+    ) in message
 
 
 def test_nan_and_infinite_voxels(tmp_path):
@@ -212,8 +216,8 @@ def folder_with_a_broken_file(tmp_path_factory, shared_data):
 
 
 def test_pretraining_stops_before_training_and_keeps_earlier_outputs(repo_root, tmp_path, folder_with_a_broken_file):
-    """Even with --overwrite True, nothing is moved or written when the input checks fail; and the error is the last
-    thing printed, after MONAI's wrapping traceback."""
+    """Even with --overwrite True, nothing is moved or written when the input checks fail; and the error is printed
+    alone, not inside MONAI's wrapping traceback."""
     folder, broken = folder_with_a_broken_file
     (tmp_path / "models").mkdir()
     earlier = tmp_path / "models" / "pretrained_encoder.pt"
@@ -224,7 +228,11 @@ def test_pretraining_stops_before_training_and_keeps_earlier_outputs(repo_root, 
     assert f"{broken}: cannot be read: corrupt, truncated or not an image" in result.stderr
     tail = result.stderr.strip().splitlines()[-3:]
     assert tail[0] == "ERROR: BadInputError: 1 of 5 datalist items cannot be used:", tail
-    assert tail[1].startswith(f"  {broken}: cannot be read") and tail[-1].startswith("Fix or remove them"), tail
+    assert tail[1].startswith(f"  {broken}: cannot be read"), tail
+    assert (
+        tail[-1] == "Fix or remove them, or leave them out with --skip_bad_volumes True (in Python: skip_bad=True)."
+    ), tail
+    assert "Traceback" not in result.stderr  # the message alone; PGL_DEBUG=1 adds the traceback
     assert "train_loss" not in result.stdout + result.stderr
     assert earlier.read_bytes() == b"weights of an earlier run"
     assert os.listdir(tmp_path / "models") == ["pretrained_encoder.pt"]
@@ -315,10 +323,10 @@ def test_volumes_that_do_not_look_like_hounsfield_units(tmp_path, sts, caplog):
     assert f"{mr_like}: intensities {low}..{high} do not look like CT" in problems(items, require_hu=True)
 
 
-def dicom_with_two_series(source, target) -> None:
+def dicom_with_two_series(source, target, description: bytes = b"CT Lung 3.0 ") -> None:
     """A copy of the 20-slice series whose first 12 slices get the series UID 1.23 and the last 8 the UID 1.24 and
-    another description: two series in one folder. Byte edits of the explicit-VR little-endian files (the source's
-    UID element is empty, so it grows by 4 bytes; no length elsewhere covers it)."""
+    another ``description``: two series in one folder. Byte edits of the explicit-VR little-endian files (the
+    source's UID element is empty, so it grows by 4 bytes; no length elsewhere covers it)."""
     target.mkdir()
     for index, path in enumerate(sorted(source.iterdir())):
         data = path.read_bytes()
@@ -327,20 +335,21 @@ def dicom_with_two_series(source, target) -> None:
         assert data.count(empty) == 1, path
         data = data.replace(empty, b"\x20\x00\x0e\x00UI\x04\x00" + uid)
         if index >= 12:
-            data = data.replace(b"CT Body 3.0 ", b"CT Lung 3.0 ")
+            data = data.replace(b"CT Body 3.0 ", description.ljust(12))
         (target / path.name).write_bytes(data)
 
 
-def test_a_dicom_folder_with_two_series_is_refused_listing_them(tmp_path, shared_data):
+@pytest.mark.parametrize("description, shown", [(b"CT Lung 3.0 ", "CT Lung 3.0"), (b"", "no description")])
+def test_a_dicom_folder_with_two_series_is_refused_listing_them(tmp_path, shared_data, description, shown):
     folder = tmp_path / "two_series"
-    dicom_with_two_series(shared_data / "abdomen" / "example_ct_dicom_series", folder)
+    dicom_with_two_series(shared_data / "abdomen" / "example_ct_dicom_series", folder, description)
     assert load_datalist(str(folder)) == [{"image": str(folder)}]
     single = str(shared_data / "abdomen" / "example_ct_dicom_series")
     message = problems([{"image": single}, {"image": str(folder)}])
     assert message.startswith("1 of 2 datalist items cannot be used")
     assert (
         f"{folder}: holds 2 DICOM series, where one volume is expected: 1.23 (CT Body 3.0, 12 files); 1.24 "
-        "(CT Lung 3.0, 8 files). Put each series in a folder of its own."
+        f"({shown}, 8 files). Put each series in a folder of its own."
     ) in message
 
 
@@ -377,6 +386,48 @@ def test_one_volume_as_dataset_and_not_found_messages(tmp_path, sts):
         "notes.txt",
     ):
         check_checkpoint(str(tmp_path / "nope.pt"), {})
+
+
+def raised(error: BaseException, wrapped_in: type[BaseException] | None = None) -> BaseException:
+    """``error`` as raised (with its traceback), optionally wrapped as monai.bundle wraps a config's errors."""
+    try:
+        try:
+            raise error
+        except BaseException as e:
+            if wrapped_in is None:
+                raise
+            raise wrapped_in("Failed to evaluate ConfigExpression: $pgl_bundle.check_datalist(...)") from e
+    except BaseException as e:
+        return e
+
+
+def test_a_user_error_prints_as_its_message_alone(monkeypatch, capsys):
+    """Anywhere in the chain, a user error prints as one ERROR line; PGL_DEBUG=1 adds the traceback before it. Other
+    errors print as Python prints them."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    report_user_errors_last()
+    monkeypatch.delenv("PGL_DEBUG", raising=False)
+    for error, expected in (
+        (raised(BadInputError("/data/a.nii.gz: cannot be read"), RuntimeError), "BadInputError: /data/a.nii.gz: c"),
+        (raised(DiskSpaceError(28, "disk full: /m/c.pt: saving failed")), "DiskSpaceError: disk full: /m/c.pt: s"),
+    ):
+        sys.excepthook(type(error), error, error.__traceback__)
+        assert capsys.readouterr().err.startswith(f"ERROR: {expected}")
+    error = raised(BadInputError("/data/a.nii.gz: cannot be read"), RuntimeError)
+    sys.excepthook(type(error), error, error.__traceback__)
+    assert capsys.readouterr().err == "ERROR: BadInputError: /data/a.nii.gz: cannot be read\n"
+    monkeypatch.setenv("PGL_DEBUG", "1")
+    sys.excepthook(type(error), error, error.__traceback__)
+    printed = capsys.readouterr().err
+    assert printed.startswith("Traceback") and "RuntimeError: Failed to evaluate ConfigExpression" in printed
+    assert printed.endswith("\nERROR: BadInputError: /data/a.nii.gz: cannot be read\n")
+    monkeypatch.delenv("PGL_DEBUG")
+    other = raised(KeyError("not a user error"), RuntimeError)
+    sys.excepthook(type(other), other, other.__traceback__)
+    printed = capsys.readouterr().err
+    assert printed.startswith("Traceback") and printed.endswith(
+        "RuntimeError: Failed to evaluate ConfigExpression: $pgl_bundle.check_datalist(...)\n"
+    )
 
 
 def test_generating_synthetic_data_is_said(tmp_path, caplog):

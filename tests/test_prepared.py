@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, LoadImaged, RandGaussianNoise, ScaleIntensityRanged
 from pgl_bundle import EpochSeededDataset, RandPGLViewsd
 from pgl_bundle.data import LoadPreparedd, deterministic_transforms, load_prepared, prepare, training_datalist
-from pgl_bundle.data.prepared import PreparedVolume
-from pgl_bundle.errors import BadInputError
+from pgl_bundle.data.prepared import PreparedVolume, estimated_bytes
+from pgl_bundle.errors import BadInputError, DiskSpaceError
 from tiny import TINY_PRETRAIN
 
 WINDOW = (-1024, 325)
@@ -151,6 +152,52 @@ def prepare_cmd(sources, folder) -> list[str]:
         "--min_image_size",
         "None",
     ]
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_the_space_needed_is_estimated_from_headers_and_checked_first(prepared, sources, tmp_path, monkeypatch):
+    folder, items = prepared
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for volume in manifest["volumes"]:  # NIfTI and DICOM alike: the stored file's size, within 1 %
+        stored = os.path.getsize(folder / volume["array"])
+        assert stored <= estimated_bytes(volume["source"], None, PAD) <= 1.01 * stored, volume["source"]
+    need = sum(os.path.getsize(item["image"]) for item in items)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - need // 2, need // 2))
+    target = tmp_path / "prepared"
+    with pytest.raises(DiskSpaceError) as error:
+        prepare(str(sources), str(target), WINDOW, min_size=PAD)
+    assert str(error.value).startswith(
+        f"disk full: preparing 3 volumes into {target} needs about {round((need + (1 << 20)) / 1e6)} MB (int16 arrays, "
+        f"estimated from the sources' headers), and its disk ({tmp_path}) has {round(need / 2e6)} MB free."
+    )
+    assert not target.exists()  # stopped before reading any volume; nothing made
+
+
+def test_a_disk_that_fills_while_preparing_keeps_no_partial_file(sources, tmp_path, monkeypatch):
+    """NumPy reports a short write without an errno (``OSError: 1240932 requested and 466880 written``): with less
+    free space than the array needs, that is a full disk. The temporary file goes; the folder stays as it was."""
+    real_save, full = np.save, []
+
+    def short_write(f, array, *args, **kwargs):  # half the bytes fit
+        full.append(True)
+        f.write(b"\x93NUMPY" + bytes(array.nbytes // 2))
+        raise OSError(f"{array.nbytes} requested and {array.nbytes // 2} written")
+
+    def disk_usage(path):  # room for everything, until the disk fills
+        return Usage(10**12, 10**12 - 10**6, 10**6) if full else Usage(10**12, 0, 10**12)
+
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    target = tmp_path / "prepared"
+    with pytest.raises(DiskSpaceError) as error:  # raised in the preparing process, passed on as it is
+        prepare(str(sources / "STS_001.nii.gz"), str(target), WINDOW, min_size=PAD, num_workers=1)
+    message = str(error.value)
+    assert message.startswith(f"disk full: {target}/STS_001_") and ".zxy.npy: writing 5 MB failed (" in message
+    assert "requested and" in message and "written); 1 MB free on that disk. No partial file was left" in message
+    assert not target.exists()
+    monkeypatch.setattr(np, "save", real_save)
 
 
 def test_a_killed_prepare_resumes_to_the_same_files(shared_data, tmp_path):

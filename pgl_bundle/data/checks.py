@@ -86,8 +86,8 @@ def check_image(
         if np.any(size < np.asarray(min_size)):
             where = f" at pixdim {tuple(pixdim)}" if pixdim is not None else ""
             problems.append(
-                f"is smaller than the crop: {tuple(int(s) for s in np.round(size))} voxels{where}, the crop is "
-                f"{tuple(min_size)}"
+                f"is smaller than the patch: {tuple(int(s) for s in np.round(size))} voxels{where}, the patch is "
+                f"{tuple(min_size)}; thin scans can be padded up to it instead (--min_image_size null)"
             )
     if image.is_floating_point():
         bad = int((~torch.isfinite(image)).sum())
@@ -231,7 +231,7 @@ def check_datalist(
         if not skip_bad:
             raise BadInputError(
                 f"{bad} of {len(datalist)} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave "
-                "them out with skip_bad=True (config key skip_bad_volumes)."
+                "them out with --skip_bad_volumes True (in Python: skip_bad=True)."
             )
         logger.warning(f"leaving out {bad} of {len(datalist)} datalist items:\n  {listing}")
     if not good:

@@ -33,10 +33,9 @@ def dicom_series(folder: str) -> list[tuple[str, str, int]]:
         io.SetFileName(files[0])
         io.ReadImageInformation()
         header = io.GetMetaDataDictionary()
-        described = header.HasKey("0008|103e")
-        description = str(header["0008|103e"]).strip() if described else "no description"
+        description = str(header["0008|103e"]).strip() if header.HasKey("0008|103e") else ""
         series_uid = str(header["0020|000e"]).strip() if header.HasKey("0020|000e") else uid
-        series.append((series_uid, description, len(files)))
+        series.append((series_uid, description or "no description", len(files)))
     return series
 
 

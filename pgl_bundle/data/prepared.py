@@ -14,12 +14,16 @@ once, applies :func:`deterministic_transforms` (RAS, optional resampling, foregr
 
 Each array is written to a temporary file and renamed, the manifest likewise (every few seconds and at the end), so
 a killed run resumes: unchanged sources already prepared are skipped (one ``stat`` each), changed ones re-prepared,
-all of them when the settings changed. Pretraining then reads only the manifest (:func:`load_prepared`) and maps the
-arrays (:class:`LoadPreparedd`): the OS page cache shares their pages between DataLoader workers and ranks.
+all of them when the settings changed. Before reading any volume, the space the new arrays need is estimated from the
+sources' headers and checked against the free space; a write that fails anyway (a full disk) removes its temporary
+file, keeps what was prepared (in the manifest) and stops with a :class:`~pgl_bundle.errors.DiskSpaceError`.
+Pretraining then reads only the manifest (:func:`load_prepared`) and maps the arrays (:class:`LoadPreparedd`): the OS
+page cache shares their pages between DataLoader workers and ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -31,6 +35,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import ignite.distributed as idist
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -39,7 +44,8 @@ from monai.transforms import Compose, CropForegroundd, EnsureTyped, MapTransform
 from tqdm import tqdm
 
 from ..distributed import each_node_first
-from ..errors import BadInputError, InputNotFoundError
+from ..errors import BadInputError, DiskSpaceError, InputNotFoundError, free_space, full_disk_error, size_text
+from ..run_folder import check_writable
 from .checks import _read, _summary, check_hounsfield, check_image
 from .datalist import load_datalist
 
@@ -47,8 +53,10 @@ __all__ = [
     "LoadPreparedd",
     "PreparedVolume",
     "deterministic_transforms",
+    "estimated_bytes",
     "load_prepared",
     "prepare",
+    "prepared_folder",
     "training_datalist",
 ]
 
@@ -206,6 +214,78 @@ def _array_name(source: str) -> str:
     return f"{stem}_{hashlib.sha1(source.encode()).hexdigest()[:10]}{SUFFIX}"
 
 
+def _header_geometry(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Shape and spacing ``(x, y, z)`` of a volume from its header alone: nibabel for NIfTI, ITK (MONAI's reader of
+    the other formats) for NRRD, MetaImage and DICOM series; no voxel is read."""
+    if source.endswith((".nii", ".nii.gz")):
+        header = nib.load(source).header
+        return np.asarray(header.get_data_shape()[:3], float), np.asarray(header.get_zooms()[:3], float)
+    import itk  # imported only for the formats that need it, as data.datalist does
+
+    image = itk.Image[itk.F, 3]
+    if os.path.isdir(source):
+        files = itk.GDCMSeriesFileNames.New(Directory=source).GetInputFileNames()
+        reader = itk.ImageSeriesReader[image].New(FileNames=files)
+    else:
+        reader = itk.ImageFileReader[image].New(FileName=source)
+    reader.UpdateOutputInformation()
+    output = reader.GetOutput()
+    return np.asarray(output.GetLargestPossibleRegion().GetSize(), float), np.asarray(output.GetSpacing(), float)
+
+
+def estimated_bytes(source: str, pixdim: Sequence[float] | None, min_size: Sequence[int] | None) -> int:
+    """About the size of the array :func:`prepare` stores for ``source``, from its header alone: 2 bytes per voxel
+    after resampling to ``pixdim`` and padding to ``min_size`` (the foreground crop only removes). 0 for a source
+    whose header cannot be read (it is reported as unusable)."""
+    try:
+        shape, spacing = _header_geometry(source)
+    except Exception:  # unreadable or foreign: _prepare_one reports it
+        return 0
+    if pixdim is not None:
+        shape = shape * spacing / np.asarray(pixdim, float)
+    if min_size is not None:
+        shape = np.maximum(shape, min_size)
+    return 2 * int(np.prod(np.ceil(shape))) + 128
+
+
+def _check_space(prepared_dir: str, todo: Sequence[str], settings: dict) -> None:
+    """Stop before reading any volume when the arrays of ``todo`` (:func:`estimated_bytes`) do not fit on the disk."""
+    need = sum(estimated_bytes(source, settings["pixdim"], settings["min_size"]) for source in todo) + (1 << 20)
+    free, disk = free_space(prepared_dir)
+    logger.info(
+        f"{prepared_dir}: the {len(todo)} arrays to prepare need about {size_text(need)}, {size_text(free)} free."
+    )
+    if need > free:
+        raise DiskSpaceError(
+            28,
+            f"disk full: preparing {len(todo)} volumes into {prepared_dir} needs about {size_text(need)} (int16 "
+            f"arrays, estimated from the sources' headers), and its disk ({disk}) has {size_text(free)} "
+            "free. Free some space, or prepare onto another disk (--prepared_dir).",
+        )
+
+
+def _write_atomically(path: str, write, num_bytes: int) -> None:
+    """``write(temporary)`` then rename it to ``path``; on any failure the temporary file is removed, and a full disk
+    raises :class:`~pgl_bundle.errors.DiskSpaceError` naming the file, its size and the free space."""
+    temporary = path[: -len(SUFFIX)] + ".tmp.npy" if path.endswith(SUFFIX) else path + ".tmp"
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        full = full_disk_error(e, os.path.dirname(path), num_bytes)
+        if full is None:
+            raise
+        free, _ = free_space(os.path.dirname(path))
+        raise DiskSpaceError(
+            28,
+            f"disk full: {path}: writing {size_text(num_bytes)} failed ({full.strerror or full}); {size_text(free)} "
+            f"free on that disk. No partial file was left, and the volumes prepared so far are kept: free some space "
+            "(or prepare onto another disk, --prepared_dir) and run again to go on.",
+        ) from e
+
+
 def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequence[float]) -> dict:
     """Read, check and preprocess one source; write its array atomically. Returns its manifest entry."""
     image, problems = _read(source)
@@ -219,9 +299,8 @@ def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequen
     volume = chain({"image": image})["image"]
     info = torch.iinfo(torch.int16)
     array = volume.as_tensor().round().clamp(info.min, info.max).to(torch.int16).numpy()  # (C, x, y, z)
-    temporary = array_path[: -len(SUFFIX)] + ".tmp.npy"
-    np.save(temporary, np.ascontiguousarray(array.transpose(0, 3, 1, 2)))  # stored (C, z, x, y): PreparedVolume
-    os.replace(temporary, array_path)
+    stored = np.ascontiguousarray(array.transpose(0, 3, 1, 2))  # (C, z, x, y): PreparedVolume
+    _write_atomically(array_path, functools.partial(_save_npy, array=stored), stored.nbytes)
     return {
         "array": os.path.basename(array_path),
         "shape": list(array.shape),
@@ -233,16 +312,24 @@ def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequen
     }
 
 
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would add ".npy" to a name not ending in it
+        np.save(f, array)
+
+
 def _write_manifest(
     prepared_dir: str, settings: dict, entries: dict[str, dict], order: Sequence[str], previous: dict | None = None
 ) -> None:
     manifest = {"settings": settings, "volumes": [{"source": s, **entries[s]} for s in order if s in entries]}
     if manifest == previous:  # nothing new: the processes that find a folder prepared (other ranks) write nothing
         return
-    path = os.path.join(prepared_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
+    text = json.dumps(manifest, indent=1)
+
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+
+    _write_atomically(os.path.join(prepared_dir, MANIFEST), write, len(text))
 
 
 def _read_manifest(prepared_dir: str) -> dict | None:
@@ -280,7 +367,7 @@ def _report_bad(
     if not skip_bad:
         raise BadInputError(
             f"{len(bad)} of {total} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave them "
-            "out with skip_bad=True (config key skip_bad_volumes)."
+            "out with --skip_bad_volumes True (in Python: skip_bad=True)."
         )
     if require_hu or new & {v["source"] for v in bad}:
         logger.warning(f"leaving out {len(bad)} of {total} datalist items:\n  {listing}")
@@ -333,8 +420,11 @@ def prepare(
     Raises:
         BadInputError: (without ``skip_bad``) some source cannot be used, after the others are prepared; the message
             lists every file and its problem, as ``check_datalist`` does. Also when no source is usable.
+        OutputFolderError: ``prepared_dir`` cannot be written (before any volume is read).
+        DiskSpaceError: the arrays to prepare need more space than is free (before any volume is read), or a write
+            failed on a full disk (what was prepared is kept; run again to go on).
     """
-    os.makedirs(prepared_dir, exist_ok=True)
+    check_writable({prepared_dir: "--prepared_dir"})
     items = load_datalist(dataset_dir, keys=["image"], num_items=num_items, must_exist=False)
     sources = [os.path.abspath(str(item["image"])) for item in items]
     settings = _settings(hu_window, pixdim, min_size, min_image_size)
@@ -351,9 +441,15 @@ def prepare(
             entries[source] = old
         else:
             todo.append((source, stamp))
+    # volumes of other datalists (or beyond num_items) stay while their source exists: a short run loses nothing
+    others = [s for s in known if s not in sources and known[s]["stamp"] is not None and _stamp(s) == known[s]["stamp"]]
+    entries.update({s: known[s] for s in others})
     num_workers = max(1, num_workers)
     if todo:
+        _check_space(prepared_dir, [source for source, _ in todo], settings)
         logger.info(f"preparing {len(todo)} of {len(sources)} volumes into {prepared_dir} ({num_workers} processes)")
+    created = not os.path.isdir(prepared_dir)
+    os.makedirs(prepared_dir, exist_ok=True)
     last_write = time.monotonic()
     with ProcessPoolExecutor(num_workers, initializer=_single_thread) as pool:
         futures = {
@@ -363,15 +459,22 @@ def prepare(
             )
             for source, stamp in todo
         }
-        for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", disable=not futures):
-            source, stamp = futures[future]
-            entries[source] = {"stamp": stamp, **future.result()}
-            if time.monotonic() - last_write > _MANIFEST_EVERY_S:
-                _write_manifest(prepared_dir, settings, entries, sources)
-                last_write = time.monotonic()
-    # volumes of other datalists (or beyond num_items) stay while their source exists: a short run loses nothing
-    others = [s for s in known if s not in entries and known[s]["stamp"] is not None and _stamp(s) == known[s]["stamp"]]
-    entries.update({s: known[s] for s in others})
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", disable=not futures):
+                source, stamp = futures[future]
+                entries[source] = {"stamp": stamp, **future.result()}
+                if time.monotonic() - last_write > _MANIFEST_EVERY_S:
+                    _write_manifest(prepared_dir, settings, entries, sources + others)
+                    last_write = time.monotonic()
+        except BaseException:  # keep what was prepared (a later run goes on from there), start nothing new
+            pool.shutdown(cancel_futures=True)
+            if any(source in entries for source, _ in todo):
+                with contextlib.suppress(Exception):
+                    _write_manifest(prepared_dir, settings, entries, sources + others)
+            elif created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(prepared_dir)
+            raise
     _write_manifest(prepared_dir, settings, entries, sources + others, previous)
     kept = {e["array"] for e in entries.values() if "array" in e}
     for name in os.listdir(prepared_dir):  # arrays of sources gone or changed, and temporaries of a killed run
@@ -408,6 +511,12 @@ def load_prepared(
     volumes = manifest["volumes"][:num_items] if num_items is not None else manifest["volumes"]
     _report_bad(volumes, set(), len(volumes), prepared_dir, skip_bad=True, require_hu=require_hu)
     return _good_items(prepared_dir, volumes, require_hu)
+
+
+def prepared_folder(dataset_dir: str, prepared_dir: str, cache_dir: str) -> str:
+    """The folder :func:`training_datalist` prepares into, ``prepared_dir`` or the cache in ``cache_dir``; "" when it
+    only reads an already prepared folder (for :func:`~pgl_bundle.run_folder.check_writable`)."""
+    return "" if prepared_dir and not dataset_dir else prepared_dir or cache_dir
 
 
 def training_datalist(

@@ -481,7 +481,9 @@ def _markdown(results: dict) -> str:
             f"waiting for data; real / isolated: {results.get('real_over_isolated', float('nan')):.2f}"
         )
     if results.get("largest_batch"):
-        lines.append(f"\nLargest batch that ran (of those tried): {results['largest_batch']}")
+        lines.append(
+            f"\nLargest batch that ran (before a failure, the last tried or the budget's end): {results['largest_batch']}"
+        )
     if results["skipped"]:
         lines.append("\nSkipped: " + "; ".join(results["skipped"]))
     return "\n".join(lines) + "\n"

@@ -9,10 +9,11 @@
 #            + torch.compile in its three modes; the largest batch of 32-128 that runs, with its peak memory; a real
 #            `monai.bundle run training` of SPEED_REAL_SECONDS with its ThroughputHandler pairs/s against the
 #            isolated step. OUT_DIR/speed/: speed.md, speed.csv, results.json, speed.log, real_run.log.
-#   compare  PGL pretraining of the ResNet-50 for at least PRETRAIN_ITERATIONS iterations (the PRESET's batch, 32
-#            for gpu-10min), then random vs pretrained fine-tuning, `python -m pgl_bundle compare`, then dense probes
-#            of the encoders at iterations 0 and the last, `python -m pgl_bundle probe_curve`. OUT_DIR/:
-#            compare_results.md/.csv, compare_sweep.csv, probe_curve.md/.csv, runs_logs.tar.gz (every stage's log,
+#   compare  `python -m pgl_bundle compare --preset PRESET COMPARE_OPTIONS`: PGL (and BYOL) pretraining of the
+#            preset's encoder (the ResNet-50 at batch 32 for gpu-10min), then random vs pretrained fine-tuning; then
+#            dense probes of the pretrained encoders at iteration 0 and the last, `python -m pgl_bundle probe_curve`;
+#            the script fails at the end if the PGL run has fewer than PRETRAIN_ITERATIONS iterations. OUT_DIR/:
+#            compare/ (compare's tables, CSV and plot), probe_curve.md/.csv, runs_logs.tar.gz (every stage's log,
 #            no weights); the runs themselves (checkpoints of 1.1 GB) in WORK, where a rerun resumes them.
 # Everything printed goes to OUT_DIR/gpu.log too.
 #
@@ -25,23 +26,20 @@
 #   SPEED_BUDGET     seconds for the speed table (default 900; lower-priority rows are skipped, and listed, after)
 #   SPEED_REAL_SECONDS  the real run's length (default 150)
 #   PRESET           compare's and probe_curve's preset (default gpu-10min)
-#   PRETRAIN_ITERATIONS  at least this many pretraining iterations (default 1000)
-#   PRETRAIN_EPOCHS  compare's pretraining epochs; default: enough for PRETRAIN_ITERATIONS at the gpu-10min preset's
-#                    epoch (volumes x 16 repeats / batch 32, the volumes less the 2 validation and 10 test cases that
-#                    compare keeps out of pretraining); the iterations reached are checked after the run
-#   COMPARE_OPTIONS  >>> extra options of `python -m pgl_bundle compare`, word-split (e.g. `--seeds "[0,1,2]"`;
-#                    fine-tuning length and transfer strategy, where compare offers them) <<<
+#   PRETRAIN_ITERATIONS  the PGL pretraining run must reach this many iterations (default 1000; 0: no check)
+#   COMPARE_OPTIONS  >>> extra options of `python -m pgl_bundle compare`, word-split, unquoted (e.g.
+#                    `--seeds [0,1,2] --strategies [joint]`): pretraining and fine-tuning lengths, strategies <<<
 #   PROBE_OPTIONS    extra options of `python -m pgl_bundle probe_curve`, word-split
 #   WORK             the runs (default ${TMPDIR:-/tmp}/pgl_gpu)
-#   SMOKE=1          a CPU smoke test of every step: the tiny table, the tiny preset, one pretraining epoch, short
-#                    probes; no CUDA needed, nothing measured
+#   SMOKE=1          a CPU smoke test of every step: the tiny table, the tiny preset, short probes, no iteration
+#                    check; no CUDA needed, nothing measured
 set -euo pipefail
 OUT=${1:?usage: bash scripts/gpu.sh OUT_DIR}
 DATA=${PGL_DATA_DIR:-../shared/data}
 STEPS=${STEPS:-speed compare}
 SMOKE=${SMOKE:-0}
 PRESET=${PRESET:-$([ "$SMOKE" = 1 ] && echo tiny || echo gpu-10min)}
-PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-1000}
+PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-$([ "$SMOKE" = 1 ] && echo 0 || echo 1000)}
 COMPARE_OPTIONS=${COMPARE_OPTIONS:-}
 SMOKE_PROBES="--seeds [0] --num_train_cases 2 --num_test_cases 1 --probe_iterations 2 --patch_size [64,64,16]"
 PROBE_OPTIONS=${PROBE_OPTIONS:-$([ "$SMOKE" != 1 ] || echo "$SMOKE_PROBES")}
@@ -75,26 +73,20 @@ stamp "set-up done"
 
 if [[ " $STEPS " == *" speed "* ]]; then
     SPEED=(--budget "${SPEED_BUDGET:-900}" --real_seconds "${SPEED_REAL_SECONDS:-150}")
-    [ "$SMOKE" = 1 ] && SPEED=(--budget 900 --real_seconds 60 --tiny --slowdown 4)
+    [ "$SMOKE" = 1 ] && SPEED=(--budget "${SPEED_BUDGET:-900}" --real_seconds 60 --tiny --slowdown 4)
     python scripts/benchmark_pretrain.py table --out "$OUT/speed" --data "$DATA/unlabeled" "${SPEED[@]}"
     stamp "speed table done: $OUT/speed/speed.md"
 fi
 
 if [[ " $STEPS " == *" compare "* ]]; then
-    SOURCES=("$DATA/sts" "$DATA/unlabeled" "$DATA/abdomen/example_ct.nii.gz")
-    UNLABELLED="[$(printf "'%s'," "${SOURCES[@]}")]"
-    if [ -z "${PRETRAIN_EPOCHS:-}" ]; then
-        PRETRAIN_EPOCHS=$([ "$SMOKE" = 1 ] && echo 1 || python -c "import math, os, sys
-from pgl_bundle.data import load_datalist
-volumes = sum(1 if os.path.isfile(s) else len(load_datalist(s)) for s in sys.argv[2:]) - 12
-print(math.ceil(int(sys.argv[1]) / math.ceil(volumes * 16 / 32)))" "$PRETRAIN_ITERATIONS" "${SOURCES[@]}")
-    fi
-    stamp "compare: preset $PRESET, $PRETRAIN_EPOCHS pretraining epochs, options: ${COMPARE_OPTIONS:-none}"
+    UNLABELLED="['$DATA/sts','$DATA/unlabeled','$DATA/abdomen/example_ct.nii.gz']"
+    stamp "compare: preset $PRESET, options: ${COMPARE_OPTIONS:-none}"
     # shellcheck disable=SC2086  # COMPARE_OPTIONS and PROBE_OPTIONS are word-split on purpose
     python -m pgl_bundle compare --labelled "$DATA/sts" --unlabelled "$UNLABELLED" --output_dir "$WORK/compare" \
-        --preset "$PRESET" --pretrain_epochs "[$PRETRAIN_EPOCHS]" $COMPARE_OPTIONS
+        --preset "$PRESET" $COMPARE_OPTIONS
     stamp "compare done"
-    for f in results.md results.csv sweep.csv; do cp "$WORK/compare/$f" "$OUT/compare_$f"; done
+    mkdir -p "$OUT/compare"
+    find "$WORK/compare" -maxdepth 1 \( -name '*.md' -o -name '*.csv' -o -name '*.png' \) -exec cp {} "$OUT/compare/" \;
 
     # the pretraining runs compare wrote (one per method), the iteration their last checkpoint holds
     run_of() {
@@ -110,18 +102,18 @@ paths = glob.glob(sys.argv[1] + '/models/checkpoints/*.pt')
 print(max(torch.load(p, map_location='cpu', mmap=True, weights_only=False)['trainer']['iteration'] for p in paths))
 " "$PGL_RUN")
     stamp "PGL pretraining: $LAST iterations ($PGL_RUN)"
-    if [ "$SMOKE" != 1 ] && [ "$LAST" -lt "$PRETRAIN_ITERATIONS" ]; then
-        echo "$PGL_RUN: $LAST pretraining iterations, fewer than PRETRAIN_ITERATIONS=$PRETRAIN_ITERATIONS" \
-            "(set PRETRAIN_EPOCHS)" >&2
-        exit 1
-    fi
     # shellcheck disable=SC2086
     python -m pgl_bundle probe_curve --labelled "$DATA/sts" --output_dir "$WORK/probes" --preset "$PRESET" \
         --pgl_run "$PGL_RUN" ${BYOL_RUN:+--byol_run "$BYOL_RUN"} --iterations "[0,$LAST]" $PROBE_OPTIONS
     for f in probe_curve.md probe_curve.csv; do cp "$WORK/probes/$f" "$OUT/$f"; done
     (cd "$WORK" && find compare probes \( -name log.txt -o -name '*.json' -o -name '*.csv' -o -name '*.md' \) |
         tar -czf "$OUT/runs_logs.tar.gz" -T -)
-    cat "$OUT/compare_results.md" "$OUT/probe_curve.md"
+    cat "$OUT/compare/results.md" "$OUT/probe_curve.md"
     stamp "compare and probes done"
+    if [ "$LAST" -lt "$PRETRAIN_ITERATIONS" ]; then
+        echo "$PGL_RUN: $LAST pretraining iterations, fewer than PRETRAIN_ITERATIONS=$PRETRAIN_ITERATIONS: the" \
+            "preset's pretraining is too short for this run (PRESET, COMPARE_OPTIONS)" >&2
+        exit 1
+    fi
 fi
 stamp "end"

@@ -482,7 +482,8 @@ def _markdown(results: dict) -> str:
         )
     if results.get("largest_batch"):
         lines.append(
-            f"\nLargest batch that ran (before a failure, the last tried or the budget's end): {results['largest_batch']}"
+            f"\nLargest batch that ran (before a failure, the last tried or the budget's end): "
+            f"{results['largest_batch']}"
         )
     if results["skipped"]:
         lines.append("\nSkipped: " + "; ".join(results["skipped"]))

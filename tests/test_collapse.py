@@ -89,10 +89,10 @@ def _train(root, dataset, folder, monitoring: bool):
     if not monitoring:
         handlers = parser.get("train#handlers")
         parser["train#handlers"] = [h for h in handlers if not h["_target_"].endswith("CollapseSignalHandler")]
+    parser.get_parsed_content("initialize")  # seeds everything, as monai.bundle run does first
     trainer = parser.get_parsed_content("train#trainer")
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[CommonKeys.LOSS]))
-    parser.get_parsed_content("initialize")
     parser.get_parsed_content("training")
     weights = {k: v.clone() for k, v in parser.get_parsed_content("network").state_dict().items()}
     return torch.stack(losses), weights, (torch.get_rng_state(), np.random.get_state()[1].copy())

@@ -1,4 +1,4 @@
-"""Aligner correctness with a coordinate volume (issue: the aligner must be exact, not approximately right).
+"""Aligner correctness with a coordinate volume: the aligner must be exact, not approximately right.
 
 The source volume's three channels are its own voxel-centre coordinates, the "encoder" is average pooling
 with kernel = stride = (16, 16, 8), so every feature voxel holds the source coordinates of its block centre.

@@ -6,7 +6,7 @@ bit: loss within 1e-5 relative, each gradient within 1e-3 of its largest magnitu
 gradient summed over every voxel; see the test for the zero gradients of biases followed by BatchNorm).
 
 Cost: compiling forward and backward took 58 CPU-seconds with inductor's caches off (a tiny encoder; the graph's
-size, not the tensors', sets it); with its on-disk cache warm the whole test took 41-68 s wall on the shared VM
+size, not the tensors', sets it); with its on-disk cache warm the whole test took 41-68 s wall on 2 CPU cores
 under a load average above 10 (not measured on idle cores).
 """
 

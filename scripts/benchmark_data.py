@@ -3,7 +3,7 @@ path (int16 memory maps), side by side in one run. Figures in docs/benchmarks.md
 
     python scripts/benchmark_data.py dtypes                      # stored dtype / layout table, real CT
     python scripts/benchmark_data.py corpus /work/bench_data/ct 100 --num_workers 2
-    python scripts/benchmark_data.py scale /work/bench_data/ct --sizes "[25,100]" --old_sizes "[10,25]"
+    python scripts/benchmark_data.py scale /work/bench_data/ct --sizes "[25,100]" --old_sizes "[10]" --old 55ec322
 
 ``scale`` measures, per path, number of volumes N and number of torchrun processes: the time from launching
 ``python -m monai.bundle run`` to the end of the first training step (tiny encoder: data start-up, not compute), and

@@ -111,6 +111,8 @@ def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
     assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "uninterrupted.log").read_text()[-5000:]
     full_log.close()
 
+    # the killed process's checkpoints (iterations 5 and 10, epoch 1) were rotated out as the resumed run saved
+    assert sorted(os.listdir(checkpoints)) == sorted(os.listdir(full_root / "models" / "checkpoints"))
     resumed, reference = (
         torch.load(root / "models" / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=True)
         for root in (killed_root, full_root)

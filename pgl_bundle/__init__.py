@@ -9,7 +9,8 @@ Where each concept of the paper lives:
 - trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`; its speed: :mod:`pgl_bundle.throughput`
 - what pretraining does to the data: pictures of the views :mod:`pgl_bundle.show_views`; collapse signal
   :mod:`pgl_bundle.collapse`
-- downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`
+- downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`; how the
+  pretrained encoder is fine-tuned: :mod:`pgl_bundle.finetuning`
 - data and its checks: :mod:`pgl_bundle.data`; prepared once, memory-mapped: :mod:`pgl_bundle.data.prepared`
 - evaluation: the dense probe :mod:`pgl_bundle.networks.probe` and :mod:`pgl_bundle.probe_curve`; fine-tuning
   comparison :mod:`pgl_bundle.compare`; paired bootstrap :mod:`pgl_bundle.stats`
@@ -34,6 +35,7 @@ from .distributed import EpochSeededDataset, ResumableSampler
 from .ema import ForeachEMAHandler, TargetMomentumSchedule, byol_momentum
 from .engine import NoLossScalingForBF16, PrepareViews
 from .errors import UserError, report_user_errors_last
+from .finetuning import TransferHandler, TransferSchedule
 from .handlers import AtomicCheckpointSaver, SkipTrainedBatches, check_free_space, latest_checkpoint, resolve_resume
 from .intensity import RandPGLIntensityd
 from .losses import ConsistencyLoss, consistency
@@ -41,7 +43,7 @@ from .optimizers import LARS
 from .release import require_weights
 from .run_folder import RunFolder
 from .throughput import ThroughputHandler
-from .transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
+from .transfer import export_encoder, load_pretrained_encoder
 from .views import RandPGLViewsd
 
 __version__ = "0.1.0"

@@ -1,8 +1,11 @@
 """Command line: ``python -m pgl_bundle <command> --help``.
 
 Commands:
-    compare    random vs BYOL vs PGL initialisation on labelled CT (:func:`pgl_bundle.compare.compare`)
-    probe_curve  dense-probe Dice against pretraining iterations (:func:`pgl_bundle.probe_curve.probe_curve`)
+    compare    random vs PGL vs BYOL initialisation on labelled CT, across transfer strategies and label budgets
+               (:func:`pgl_bundle.experiments.compare`)
+    probe_curve  dense-probe Dice against pretraining iterations (:func:`pgl_bundle.experiments.probe_curve`)
+    finetune_sanity  the fine-tuning recipe's sanity bar: the bundle's network against a plain MONAI UNet
+               (:func:`pgl_bundle.experiments.finetune_sanity`)
     prepare    preprocess a CT set once for pretraining (:func:`pgl_bundle.data.prepare`; also configs/prepare.json)
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
     show_views  draw PGL's two views of a few volumes, their boxes and the aligner's overlap
@@ -15,10 +18,9 @@ Commands:
 import logging
 
 import fire
-from pgl_bundle.compare import compare
 from pgl_bundle.data import make_synthetic_dataset, prepare
 from pgl_bundle.errors import report_user_errors_last
-from pgl_bundle.probe_curve import probe_curve
+from pgl_bundle.experiments import compare, finetune_sanity, probe_curve
 from pgl_bundle.release import pack, write_large_files
 from pgl_bundle.show_views import show_views
 
@@ -30,6 +32,7 @@ if __name__ == "__main__":
             "compare": compare,
             "prepare": prepare,
             "probe_curve": probe_curve,
+            "finetune_sanity": finetune_sanity,
             "synthetic": make_synthetic_dataset,
             "show_views": show_views,
             "publish": write_large_files,

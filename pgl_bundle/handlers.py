@@ -43,6 +43,7 @@ __all__ = [
     "SkipTrainedBatches",
     "check_free_space",
     "checkpoint_bytes",
+    "checkpoint_run",
     "latest_checkpoint",
     "resolve_resume",
 ]
@@ -153,7 +154,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         found = []
         for path in glob.glob(os.path.join(glob.escape(self.save_dir), f"*_{interval.score_name}=*.pt")):
             number = os.path.basename(path)[: -len(".pt")].rpartition("=")[2]
-            stored = _checkpoint_run(path) if number.isdigit() else None
+            stored = checkpoint_run(path) if number.isdigit() else None
             if stored is not None and stored[1] == run_id:
                 found.append((int(number), os.path.basename(path)))
         return sorted(found)
@@ -267,7 +268,7 @@ def check_free_space(savers: Sequence[object]) -> int:
     return sum(need[1] for need in needs.values())
 
 
-def _checkpoint_run(path: str) -> tuple[int, str | None] | None:
+def checkpoint_run(path: str) -> tuple[int, str | None] | None:
     """The trainer iteration and the run id stored in the checkpoint at ``path``; None when it cannot be read."""
     try:  # mmap: the tensors are not read, only the small trainer and run entries
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -289,7 +290,7 @@ def latest_checkpoint(directory: str, run_id: str | None = None) -> str:
     """
     found = []
     for path in glob.glob(os.path.join(directory, "*.pt")):
-        stored = _checkpoint_run(path)
+        stored = checkpoint_run(path)
         if stored is None:
             continue
         if run_id is not None and stored[1] != run_id:

@@ -5,27 +5,37 @@ the plain ``state_dict`` of :class:`~pgl_bundle.networks.PGLResNetEncoder`. Its 
 loads one to one into :class:`~pgl_bundle.networks.PGLSegmentationNet` ``.encoder`` and, where shapes agree, into
 ``monai.networks.nets.ResNet`` and the ResNet backbones of ``FlexibleUNet``. Nothing here loads partially in silence:
 every load reports matched, missing and unexpected keys, and refuses a file that does not fit.
+
+Beside an encoder file lies its adaptation plan (``models/pretrained_encoder.json`` beside
+``models/pretrained_encoder.pt``, as nnssl's checkpoints carry theirs): the encoder's arguments, the HU window, the
+spacing and the patch it was pretrained with. Fine-tuning, evaluation, inference and the probe build their network
+and preprocessing from it (:func:`adaptation_plan`), so the encoder file is the only thing a user passes; fine-tuning
+writes the plan it used beside ``models/model.pt`` (``models/model.json``) for evaluation and inference.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
-from ignite.engine import Engine, Events
 from monai.networks.nets import ResNet
-from pgl_bundle.errors import require_file
+from pgl_bundle.errors import BadInputError, require_file
 from torch import nn
 
 __all__ = [
-    "FreezeEncoder",
+    "PLAN_DEFAULTS",
+    "adaptation_plan",
     "export_encoder",
     "load_encoder_checkpoint",
     "load_online_encoder",
     "load_pretrained_encoder",
+    "plan_file",
+    "read_plan",
+    "write_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +54,7 @@ def _load(path: str, kind: str, article: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated, foreign or unsafe pickles
-        raise ValueError(f"{path}: not {article} {kind}, torch.load failed: {e}") from e
+        raise BadInputError(f"{path}: not {article} {kind}, torch.load failed: {e}") from e
 
 
 def load_encoder_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -59,7 +69,7 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state = _load(path, "encoder checkpoint", "an")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = _quote(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(
+        raise BadInputError(
             f"{path}: not an encoder checkpoint: expected a state_dict of tensors (models/pretrained_encoder.pt of "
             f"configs/pretrain.json), found {found}."
         )
@@ -82,14 +92,14 @@ def _check_match(path: str, state: Mapping[str, torch.Tensor], target: Mapping[s
     """The names in both; raise when there are none or when any of their shapes differ."""
     matched = state.keys() & target.keys()
     if not matched:
-        raise ValueError(
+        raise BadInputError(
             f"{path}: no tensor name matches the network's (checkpoint: {_quote(state)}; network: {_quote(target)})."
             + _prefix_hint(state.keys(), target.keys())
         )
     wrong = [k for k in sorted(matched) if state[k].shape != target[k].shape]
     if wrong:
         details = "; ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in wrong[:_SHOWN])
-        raise ValueError(
+        raise BadInputError(
             f"{path}: {len(wrong)} tensor shape(s) differ from the network's (checkpoint vs network: {details}). "
             "Build the encoder with the pretraining arguments (encoder_layers, encoder_block, encoder_width)."
         )
@@ -140,7 +150,7 @@ def load_online_encoder(
     network_state = state.get("network") if isinstance(state, Mapping) else None
     encoder = {k[len(prefix) :]: v for k, v in (network_state or {}).items() if k.startswith(prefix)}
     if not encoder:
-        raise ValueError(f"{path}: not a pretraining checkpoint: no 'network' entry with '{prefix}*' tensors.")
+        raise BadInputError(f"{path}: not a pretraining checkpoint: no 'network' entry with '{prefix}*' tensors.")
     return _load_encoder_state(network, path, encoder, strict=True)
 
 
@@ -151,7 +161,7 @@ def _load_encoder_state(network: nn.Module, path: str, state: Mapping[str, torch
     report = f"{len(matched)} of {len(target)} encoder tensors matched, missing: [{_quote(missing)}], "
     report += f"unexpected: [{_quote(unexpected)}]"
     if strict and (missing or unexpected):
-        raise ValueError(f"{path}: the checkpoint does not fit the encoder: {report}.")
+        raise BadInputError(f"{path}: the checkpoint does not fit the encoder: {report}.")
     network.encoder.load_state_dict({k: state[k] for k in matched}, strict=False)
     (logger.warning if missing or unexpected else logger.info)(f"{path}: loaded into network.encoder: {report}.")
     return network
@@ -217,27 +227,81 @@ def export_encoder(
     return result
 
 
-class FreezeEncoder:
-    """Ignite handler: no gradient for ``network.encoder`` during the first ``epochs`` epochs of fine-tuning.
+# The settings a pretrained encoder fixes downstream, and their values when no plan says otherwise: those of
+# configs/pretrain.json (the paper's ResNet-50 and the soft-tissue window, native spacing).
+PLAN_DEFAULTS = {
+    "encoder_layers": [3, 4, 6, 3],
+    "encoder_block": "bottleneck",
+    "encoder_width": [64, 128, 256, 512],
+    "hu_window": [-200, 300],
+    "pixdim": None,
+}
 
-    MONAI has no handler to freeze part of a network on a schedule. At every epoch start this sets the encoder's
-    ``requires_grad`` from the epoch number, so a resumed run gets the same schedule. Frozen parameters get no
-    gradient, and the optimizer skips them. Batch-norm statistics still adapt to the new data.
+
+def plan_file(weights: str | os.PathLike) -> str:
+    """The adaptation plan of a weights file: the same path with ``.json`` for ``.pt``."""
+    return os.path.splitext(os.fspath(weights))[0] + ".json"
+
+
+def write_plan(weights: str | os.PathLike, plan: Mapping) -> str:
+    """Write ``plan`` (the :data:`PLAN_DEFAULTS` keys, plus any record such as the pretraining ``patch_size``) beside
+    ``weights``, atomically; return its path."""
+    path = plan_file(weights)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.partial", "w") as f:
+        json.dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.items()}, f, indent=1)
+    os.replace(f"{path}.partial", path)
+    return path
+
+
+def read_plan(weights: str | os.PathLike) -> dict | None:
+    """The plan beside ``weights``; None when there is none.
+
+    Raises:
+        BadInputError: the plan is not JSON or lacks one of the :data:`PLAN_DEFAULTS` keys (the message names it).
+    """
+    path = plan_file(weights)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except ValueError as e:
+        raise BadInputError(f"{path}: not a readable adaptation plan (JSON): {e}.") from e
+    missing = [k for k in PLAN_DEFAULTS if not isinstance(plan, dict) or k not in plan]
+    if missing:
+        raise BadInputError(f"{path}: the adaptation plan lacks {missing}; write it again with write_plan.")
+    return plan
+
+
+def adaptation_plan(weights: str | os.PathLike | None, **given) -> dict:
+    """The settings to build the network and preprocessing with: the plan beside ``weights``, where the config
+    gives none; the given ones where there is no plan; :data:`PLAN_DEFAULTS` for the rest.
 
     Args:
-        network: a module with an ``encoder`` attribute.
-        epochs: epochs to keep the encoder frozen; 0 trains it from the start.
+        weights: an encoder file (``--pretrained_encoder``) or fine-tuned model (``models/model.pt``); ""/None:
+            no plan.
+        given: the config's values of :data:`PLAN_DEFAULTS` keys; None: not given.
+
+    Raises:
+        BadInputError: a given setting contradicts the plan (the message gives the plan's value); see also
+            :func:`read_plan`.
     """
-
-    def __init__(self, network: nn.Module, epochs: int = 0) -> None:
-        self.encoder = network.encoder
-        self.epochs = epochs
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        trainable = engine.state.epoch > self.epochs
-        if trainable != any(p.requires_grad for p in self.encoder.parameters()):
-            logger.info(f"epoch {engine.state.epoch}: encoder {'trainable' if trainable else 'frozen'}.")
-        self.encoder.requires_grad_(trainable)
+    unknown = set(given) - set(PLAN_DEFAULTS)
+    if unknown:
+        raise TypeError(f"adaptation_plan: unknown settings {sorted(unknown)}.")
+    plan = read_plan(weights) if weights else None
+    resolved = {}
+    for key, default in PLAN_DEFAULTS.items():
+        value = given.get(key)
+        value = list(value) if isinstance(value, tuple) else value
+        if plan is None:
+            resolved[key] = default if value is None else value
+        elif value is None or value == plan[key]:
+            resolved[key] = plan[key]
+        else:
+            raise BadInputError(
+                f"{weights}: --{key} {json.dumps(value)} contradicts the adaptation plan it was trained with "
+                f"({plan_file(weights)}: {key} = {json.dumps(plan[key])}); leave --{key} out to use the plan's."
+            )
+    return resolved

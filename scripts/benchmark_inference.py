@@ -96,19 +96,26 @@ def time_choices(image: str, overrides: dict | None = None, repeats: int = 1, th
 
 
 def dice_choices(
-    bundle_root: str, cases: list[str], overrides: dict, data: str = "../shared/data/sts", choices=None
+    bundle_root: str,
+    cases: list[str],
+    overrides: dict | None = None,
+    data: str = "../shared/data/sts",
+    choices=None,
+    windows=None,
 ) -> None:
-    """Mean foreground Dice and seconds per case of each choice for the trained ``bundle_root/models/model.pt``.
+    """Mean foreground Dice and seconds per case of each choice for the trained ``bundle_root/models/model.pt``
+    (its network and preprocessing from the plan beside it, ``models/model.json``).
 
     ``choices``: indices into :data:`CHOICES` to run (default all); the first given is the reference.
+    ``windows``: instead, explicit ``[[roi_size, overlap], ...]`` (``sw_batch_size`` 4); the first is the reference.
     """
     torch.set_num_threads(1)
-    parser = _parser({"bundle_root": bundle_root, "label_names": ["background", "tumour"], **overrides})
+    parser = _parser({"bundle_root": bundle_root, "label_names": ["background", "tumour"], **(overrides or {})})
     network = parser.get_parsed_content("network_def").eval()
     network.load_state_dict(torch.load(f"{bundle_root}/models/model.pt", map_location="cpu", weights_only=True))
     patch = parser.get_parsed_content("patch_size")
     load = parser.get_parsed_content("preprocessing")
-    pixdim = parser.get_parsed_content("pixdim")
+    pixdim = parser.get_parsed_content("plan")["pixdim"]
     items = []
     for case in cases:
         image = load({"image": f"{data}/{case}/CT_image.nii.gz"})["image"][None]
@@ -117,8 +124,14 @@ def dice_choices(
     print(f"cases {cases}; shapes {[tuple(i.shape[2:]) for i, _ in items]}; patch {patch}; 1 thread")
     print("window | overlap | sw_batch | mean Dice | per case | s per case | speed-up | Dice - old")
     base = None
-    for scale, overlap, sw_batch in [CHOICES[i] for i in choices] if choices else CHOICES:
-        inferer = _inferer(patch, scale, overlap, sw_batch)
+    if windows:
+        inferers = [(SlidingWindowInferer(roi, 4, overlap, mode="gaussian"), overlap, 4) for roi, overlap in windows]
+    else:
+        selected = [CHOICES[i] for i in choices] if choices else CHOICES
+        inferers = [
+            (_inferer(patch, scale, overlap, sw_batch), overlap, sw_batch) for scale, overlap, sw_batch in selected
+        ]
+    for inferer, overlap, sw_batch in inferers:
         if any(r % s for r, s in zip(inferer.roi_size, network.encoder.output_stride)):
             print(f"{'x'.join(map(str, inferer.roi_size))} | {overlap} | {sw_batch} | not a multiple of the stride")
             continue

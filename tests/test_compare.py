@@ -1,14 +1,18 @@
-"""The comparison command end to end on the tiny preset, its learning-rate selection, the BYOL config's properties."""
+"""The comparison command end to end on the tiny preset, its selection on validation, the label-budget curve's runs,
+the pretraining set without validation and test images, the BYOL config's properties."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 
 import pytest
 from monai.bundle import ConfigWorkflow
-from pgl_bundle.compare import PRESETS, Arm, _arms, _best_validation_dice, compare, select_learning_rates
+from pgl_bundle.experiments.compare import Run, compare, curve_runs, pretraining_volumes, select
+from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
+from pgl_bundle.experiments.runner import best_validation_dice
 
 
 @pytest.fixture(scope="module")
@@ -23,53 +27,45 @@ def tiny_comparison(shared_data, tmp_path_factory):
     return output_dir, results
 
 
-def test_outputs_have_one_row_per_arm_budget_seed_and_case(tiny_comparison):
+def test_outputs_have_one_row_per_run_and_test_case_with_the_probe(tiny_comparison):
     output_dir, results = tiny_comparison
     settings = PRESETS["tiny"]
-    arms = _arms(settings["pretrain_epochs"])
-    assert {a.init for a in arms} == {"random", "pgl", "byol"}
-    with open(output_dir / "sweep.csv") as f:
-        sweep = list(csv.DictReader(f))
-    assert len(sweep) == len(arms) * len(settings["learning_rates"]) * len(settings["budgets"])  # first seed only
-    assert all(0.0 <= float(r["best_val_mean_dice"]) <= 1.0 for r in sweep)
+    with open(output_dir / "selection.csv") as f:
+        selection = list(csv.DictReader(f))
+    assert {(r["encoder"], r["strategy"]) for r in selection} == {("random", "lp-ft"), ("pgl1", "lp-ft")}
+    assert all(0.0 <= float(r["best_val_mean_dice"]) <= 1.0 for r in selection)
     with open(output_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    cells = {(r["arm"], int(r["budget"])) for r in rows}
-    assert cells == {(a.name, n) for a in arms for n in settings["budgets"]}
-    assert len(rows) == len(arms) * len(settings["budgets"]) * len(settings["seeds"]) * settings["num_test_cases"]
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert len(rows) == 2 * settings["num_test_cases"]
+    assert {r["encoder"] for r in rows} == {"random", "pgl1"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["probe_dice"]) <= 1.0 for r in rows)
+    # the cases are the dataset's last ones, tested through evaluate.json with inference's sliding window
+    assert {os.path.basename(os.path.dirname(r["case"])) for r in rows} == {"STS_029", "STS_030"}
+    run = output_dir / "finetune" / "pgl1_lp-ft_x1_n2_seed0"
+    log = (run / "log.txt").read_text()
+    assert "--linear_probe_iterations 1" in log and f"--model_file {run}/models/linear_probe.pt" in log
     table = open(results).read()
-    for arm in arms:
-        assert f"| {arm.name} | {settings['budgets'][0]} | 0.001 |" in table
-    for pair in ("pgl 1ep - random", "pgl 1ep - byol 1ep"):
-        line = next(line for line in table.splitlines() if line.startswith(f"| {pair} |"))
-        low, high = map(float, line.split("[")[1].split("]")[0].split(","))
-        assert low <= float(line.split("|")[3]) <= high
+    assert re.search(r"\| pgl1 \| lp-ft \(x1\) \| 2 \| 1 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [-+0-9.]+ \[", table)
+    assert "random: lp-ft (x1); pgl: lp-ft (x1)" in table
     png = output_dir / "results.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_learning_rate_is_selected_on_validation_per_arm_and_budget():
-    random, pgl = Arm("random"), Arm("pgl", 20)
-    sweep = [
-        (random, 1e-3, 5, 0, 0.40),
-        (random, 1e-3, 5, 1, 0.20),
-        (random, 3e-4, 5, 0, 0.31),
-        (random, 3e-4, 5, 1, 0.31),
-        (pgl, 1e-3, 5, 0, 0.10),
-        (pgl, 3e-4, 5, 0, 0.35),
-        (pgl, 1e-3, 2, 0, 0.2),
-        (pgl, 3e-4, 2, 0, 0.2),
-    ]
-    # random: mean over seeds 0.30 at 1e-3 < 0.31 at 3e-4 (its best single seed is at 1e-3); ties: the smaller rate
-    assert select_learning_rates(sweep) == {(random, 5): 3e-4, (pgl, 5): 3e-4, (pgl, 2): 3e-4}
+def test_encoders_are_written_with_their_adaptation_plan(tiny_comparison):
+    output_dir, _ = tiny_comparison
+    encoder = output_dir / "pretrain" / "pgl" / "encoders" / "iteration_1.pt"
+    plan = json.loads(encoder.with_suffix(".json").read_text())
+    assert plan["encoder_width"] == PRESETS["tiny"]["model"]["encoder_width"] and plan["patch_size"] == [64, 64, 16]
+    assert (
+        f"--pretrained_encoder {encoder}"
+        in (output_dir / "finetune" / "pgl1_lp-ft_x1_n2_seed0" / "log.txt").read_text()
+    )
 
 
 def test_finished_stages_are_not_recomputed(tiny_comparison, shared_data):
     output_dir, _ = tiny_comparison
-    encoder = output_dir / "pretrain" / "pgl_1ep" / "models" / "pretrained_encoder.pt"
-    evaluation = next((output_dir / "finetune").glob("random_*")) / "eval" / "val_mean_dice_raw.csv"
-    assert evaluation.is_file()
+    encoder = output_dir / "pretrain" / "pgl" / "encoders" / "iteration_1.pt"
+    evaluation = output_dir / "finetune" / "random_lp-ft_x1_n2_seed0" / "eval" / "val_mean_dice_raw.csv"
     stamps = [os.stat(p).st_mtime_ns for p in (encoder, evaluation)]
     compare(
         labelled=str(shared_data / "sts"),
@@ -78,6 +74,60 @@ def test_finished_stages_are_not_recomputed(tiny_comparison, shared_data):
         preset="tiny",
     )
     assert [os.stat(p).st_mtime_ns for p in (encoder, evaluation)] == stamps
+
+
+def test_pretraining_set_leaves_out_validation_and_test_images(shared_data):
+    items = [{"image": str(shared_data / "sts" / f"STS_{i:03d}" / "CT_image.nii.gz")} for i in range(1, 31)]
+    kept = pretraining_volumes([str(shared_data / "sts"), str(shared_data / "unlabeled")], items, held_out=20)
+    names = [os.path.relpath(item["image"], shared_data) for item in kept]
+    assert names[:10] == [f"sts/STS_{i:03d}/CT_image.nii.gz" for i in range(1, 11)]
+    assert len(names) == 13 and all(n.startswith("unlabeled/") for n in names[10:])
+
+
+def test_strategy_and_factor_are_selected_on_validation_per_method():
+    scores = {
+        Run("random", "joint", 0.1, 5, 0): 0.30,
+        Run("random", "joint", 1.0, 5, 0): 0.35,
+        Run("random", "lp-ft", 1.0, 5, 0): 0.35,  # a tie: the earlier strategy wins
+        Run("pgl375", "joint", 1.0, 5, 0): 0.33,
+        Run("pgl375", "lp-ft", 0.1, 5, 0): 0.40,
+        Run("pgl375", "lp-ft", 0.3, 5, 0): 0.40,  # a tie: the smaller factor wins
+    }
+    factors, chosen = select(scores)
+    assert chosen == {"random": "joint", "pgl": "lp-ft"}
+    assert factors == {("random", "joint"): 1.0, ("random", "lp-ft"): 1.0, ("pgl", "joint"): 1.0, ("pgl", "lp-ft"): 0.1}
+
+
+def test_curve_gives_each_encoder_its_methods_choice_and_byol_pgls():
+    factors = {("random", "joint"): 1.0, ("random", "lp-ft"): 0.3, ("pgl", "lp-ft"): 0.1, ("pgl", "joint"): 1.0}
+    chosen = {"random": "joint", "pgl": "lp-ft"}
+    runs = curve_runs(["random", "pgl375", "byol375"], chosen, factors, ["lp-ft"], [1, 5], {"byol375": [5]}, [0, 1])
+    cells = sorted({(r.encoder, r.strategy, r.scale, r.budget) for r in runs})
+    assert cells == [
+        ("byol375", "lp-ft", 0.1, 5),
+        ("pgl375", "lp-ft", 0.1, 1),
+        ("pgl375", "lp-ft", 0.1, 5),
+        ("random", "joint", 1.0, 1),
+        ("random", "joint", 1.0, 5),
+        ("random", "lp-ft", 0.3, 1),
+        ("random", "lp-ft", 0.3, 5),
+    ]
+    assert len(runs) == 2 * len(cells)  # every seed
+
+
+def test_strategies_resolve_their_phases_from_the_validation_schedule():
+    schedule = {"val_interval": 100}
+    assert strategy_overrides("lp-ft", schedule) == {
+        "linear_probe_iterations": 100,
+        "freeze_encoder_iterations": 50,
+        "encoder_warmup_iterations": 50,
+    }
+    assert strategy_overrides("joint", schedule) == {}
+
+
+def test_unknown_strategy_is_refused(shared_data, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown strategies \['lp'\]"):
+        compare(str(shared_data / "sts"), output_dir=str(tmp_path), preset="tiny", strategies=["lp"])
 
 
 def test_byol_config_properties(repo_root):
@@ -96,4 +146,4 @@ def test_byol_config_properties(repo_root):
 def test_a_training_without_validation_is_an_error_naming_its_log(tmp_path):
     (tmp_path / "log.txt").write_text("Epoch: 1/1, Iter: 1/1 -- train_loss: 1.0\n")
     with pytest.raises(RuntimeError, match=re.escape(f"{tmp_path}/log.txt: the training logged no validation")):
-        _best_validation_dice(str(tmp_path))
+        best_validation_dice(str(tmp_path))

@@ -17,18 +17,20 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import run as bundle_run
 from monai.transforms import Compose, LoadImaged, SaveImaged, Spacingd
+from pgl_bundle.networks import SLIDING_WINDOW
+from pgl_bundle.transfer import PLAN_DEFAULTS
 
 LABELS = ["background", "tumour"]
 # a small network for CPU: one basic block per stage, narrow; the pretraining strides (16, 16, 8) are unchanged
+ENCODER = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 32, 64, 128]}
 SMALL = {
-    "encoder_layers": [1, 1, 1, 1],
-    "encoder_block": "basic",
-    "encoder_width": [16, 32, 64, 128],
+    **ENCODER,
     "decoder_channels": [64, 32, 16, 16, 8],
     "label_names": LABELS,
     "patch_size": [64, 64, 16],
     "num_workers": 0,
 }
+WITH_PLAN_KEYS = {"pretrain.json", "train.json", "inference.json", "prepare.json", "pretrain_paper.json"}
 TRAIN_CASES, VAL_CASES, TEST_CASES = ["STS_019", "STS_025"], ["STS_008"], ["STS_002", "STS_012"]
 
 
@@ -64,6 +66,7 @@ def round_trip(repo_root, shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream")
     data = write_datalist(root / "dataset.json", shared_data, TRAIN_CASES + VAL_CASES + TEST_CASES)
     test_data = write_datalist(root / "test.json", shared_data, TEST_CASES)
+    # evaluation and inference read the encoder's settings from the plan training wrote (models/model.json)
     common = [
         "--meta_file",
         config(repo_root, "metadata.json"),
@@ -71,7 +74,7 @@ def round_trip(repo_root, shared_data, tmp_path_factory):
         config(repo_root, "logging.conf"),
         "--bundle_root",
         str(root),
-        *cli(SMALL),
+        *cli({k: v for k, v in SMALL.items() if k not in ENCODER}),
     ]
     split = cli({"dataset_dir": data, "num_val_cases": len(VAL_CASES), "num_test_cases": len(TEST_CASES)})
     logs = {
@@ -82,8 +85,15 @@ def round_trip(repo_root, shared_data, tmp_path_factory):
             config(repo_root, "train.json"),
             *common,
             *split,
+            *cli(ENCODER),
             *cli(
-                {"num_iterations": 2, "val_interval": 1, "batch_size": 1, "num_samples": 2, "freeze_encoder_epochs": 1}
+                {
+                    "num_iterations": 2,
+                    "val_interval": 1,
+                    "batch_size": 1,
+                    "num_samples": 2,
+                    "freeze_encoder_iterations": 1,
+                }
             ),
         ),
         "evaluate": bundle(
@@ -118,7 +128,8 @@ def test_train_validates_per_class_and_keeps_the_best_model(round_trip):
     root, logs = round_trip
     assert logs["train"].count("Key metric: val_mean_dice best value") == 2  # validated after each of 2 epochs
     assert "tumour: " in logs["train"]  # the per-class Dice, by label name
-    assert "epoch 1: encoder frozen." in logs["train"] and "epoch 2: encoder trainable." in logs["train"]
+    assert "iteration 1: encoder frozen." in logs["train"] and "iteration 2: encoder trainable." in logs["train"]
+    assert json.loads((root / "models" / "model.json").read_text())["encoder_width"] == ENCODER["encoder_width"]
     assert "5 volumes to use: shape from" in logs["train"] and "validation: [1/1] 100%" in logs["train"]
     assert json.loads((root / "models" / "train_run.json").read_text())["run_id"]  # the run recorded its folder
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
@@ -267,7 +278,9 @@ def test_monai_label_infer_task_flow(round_trip, repo_root, shared_data):
 
     parser = ConfigParser()
     parser.read_config(config(repo_root, "inference.json"))
-    parser.config.update({"bundle_root": str(root), **SMALL, "pixdim": [1.5, 1.5, 4.0]})
+    # resampled on the way in and inverted on the way out, as for a model whose plan says 1.5 x 1.5 x 4 mm
+    plan = {**PLAN_DEFAULTS, **ENCODER, "pixdim": [1.5, 1.5, 4.0]}
+    parser.config.update({"bundle_root": str(root), **SMALL, "plan": plan})
     network = parser.get_parsed_content("network_def", instantiate=True)
     checkpoint = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     network.load_state_dict(checkpoint.get("model", checkpoint), strict=True)
@@ -292,6 +305,8 @@ def test_monai_label_train_task_flow(round_trip, repo_root, shared_data, tmp_pat
     root, _ = round_trip
     parser = ConfigParser()
     parser.read_config(config(repo_root, "train.json"))
+    # BundleTrainTask looks for a loader among the handlers with handler.get("_target_"): each must be a component
+    assert all(isinstance(h, dict) and "_target_" in h for h in parser.get("train#handlers"))
     loader = {
         "_target_": "CheckpointLoader",
         "load_path": str(root / "models" / "model.pt"),
@@ -328,7 +343,8 @@ def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
 
     Seeded; 4 mm in-plane so that a 48 x 48 x 16 patch holds most of the tumour and its context, which makes 300
     CPU iterations of the small network enough to reach a Dice of 0.8 on the case it trains on (the best of six
-    validations counts).
+    validations counts). Validated with windows of the patch: at 4 mm the volume (62 x 62 x 47) is narrower than the
+    default window, which would pad it with half a window of constant intensity.
     """
     case = items(shared_data, ["STS_001"])  # a large tumour: 94 x 98 x 31 voxels
     workflow = ConfigWorkflow(
@@ -336,7 +352,8 @@ def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
         workflow_type="train",
         logging_file=False,
         bundle_root=str(tmp_path),
-        **{**SMALL, "pixdim": [4.0, 4.0, 3.27], "patch_size": [48, 48, 16]},
+        **{**SMALL, "pixdim": [4.0, 4.0, 3.27], "patch_size": [48, 48, 16], "sw_roi_size": [48, 48, 16]},
+        sw_overlap=0.25,
         batch_size=1,
         num_samples=4,
         num_iterations=300,
@@ -350,17 +367,33 @@ def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
     assert state.best_metric >= 0.8, f"best val_mean_dice {state.best_metric:.3f} at epoch {state.best_metric_epoch}"
 
 
-def test_window_is_one_setting_for_every_stage(repo_root):
-    """A pretrained encoder expects its pretraining window: every workflow has the same default, no overlay moves it;
-    inference builds the network that training saved."""
+def test_window_and_encoder_are_one_setting_for_every_stage(repo_root):
+    """A pretrained encoder expects its pretraining window and arguments: downstream configs take them from its
+    adaptation plan (null: not given), with pretrain.json's values as the defaults; no overlay moves them."""
     configs = {c.name: json.loads(c.read_text()) for c in (repo_root / "configs").glob("*.json")}
-    windows = {name: c["hu_window"] for name, c in configs.items() if "hu_window" in c}
     assert configs["prepare.json"]["hu_window"] == "%configs/pretrain.json#hu_window"  # a reference, not a copy
-    del windows["prepare.json"]
-    assert set(windows) == {"pretrain.json", "train.json", "inference.json"}
-    assert all(w == [-200, 300] for w in windows.values()), windows
-    shared = ("patch_size", "encoder_layers", "encoder_block", "encoder_width", "decoder_channels", "label_names")
+    assert {k: configs["pretrain.json"][k] for k in PLAN_DEFAULTS} == PLAN_DEFAULTS
+    for name in ("train.json", "inference.json"):
+        assert all(configs[name][k] is None for k in PLAN_DEFAULTS), name
+    assert not [name for name, c in configs.items() if set(PLAN_DEFAULTS) & set(c) and name not in WITH_PLAN_KEYS]
+    shared = ("patch_size", "decoder_channels", "label_names")
     assert {k: configs["inference.json"][k] for k in shared} == {k: configs["train.json"][k] for k in shared}
+
+
+def test_validation_evaluation_and_inference_share_one_sliding_window(repo_root):
+    """Test Dice is measured the way users get their masks: the same window, overlap and blending."""
+    inferers = {}
+    for name, configs, key in (
+        ("validation", ["train.json"], "validate#inferer"),
+        ("evaluation", ["train.json", "evaluate.json"], "validate#inferer"),
+        ("inference", ["inference.json"], "inferer"),
+    ):
+        parser = ConfigParser()
+        parser.read_config([config(repo_root, c) for c in configs])
+        inferer = parser.get_parsed_content(key)
+        inferers[name] = (list(inferer.roi_size), inferer.overlap, inferer.sw_batch_size, inferer.mode)
+    expected = list(SLIDING_WINDOW.values())
+    assert inferers == {"validation": expected, "evaluation": expected, "inference": expected}
 
 
 def test_encoder_gets_its_own_learning_rate_and_every_group_a_warm_up(repo_root):
@@ -370,13 +403,12 @@ def test_encoder_gets_its_own_learning_rate_and_every_group_a_warm_up(repo_root)
         {**SMALL, "learning_rate": 1e-3, "encoder_lr_scale": 0.1, "warmup_iterations": 10, "num_iterations": 100}
     )
     net, optimizer = parser.get_parsed_content("network_def"), parser.get_parsed_content("optimizer")
-    encoder, rest = optimizer.param_groups
-    assert {id(p) for p in encoder["params"]} == {id(p) for p in net.encoder.parameters()}
-    assert {id(p) for p in rest["params"]} == {id(p) for p in net.parameters()} - {id(p) for p in encoder["params"]}
-    assert (encoder["lr"], rest["lr"]) == pytest.approx((1e-4, 1e-3))
+    encoder = [g for g in optimizer.param_groups if g["name"].startswith("encoder")]
+    assert {id(p) for g in encoder for p in g["params"]} == {id(p) for p in net.encoder.parameters()}
+    peaks = [1e-4 if g["name"].startswith("encoder") else 1e-3 for g in optimizer.param_groups]
     scheduler = parser.get_parsed_content("lr_scheduler")  # per iteration: 0 at the start, the peak after warm-up
-    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0] * len(peaks)
     for _ in range(10):
         optimizer.step()
         scheduler.step()
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3], rel=0.01)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(peaks, rel=0.01)

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from pgl_bundle.experiments.probe_curve import probe_curve
+from pgl_bundle.experiments.runner import checkpoints_by_iteration
 from pgl_bundle.networks import DenseProbe, PGLResNetEncoder, feature_grid
-from pgl_bundle.probe_curve import checkpoints_by_iteration, probe_curve
 from pgl_bundle.transfer import load_online_encoder, load_pretrained_encoder
 
 LABELS = ["background", "tumour"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pgl_bundle.stats import paired_bootstrap
+from pgl_bundle.experiments.stats import paired_bootstrap
 
 
 def test_constant_difference_gives_a_zero_width_interval_at_that_value():

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from ignite.engine import Engine
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import FlexibleUNet, ResNet, UNet
+from pgl_bundle.errors import BadInputError
 from pgl_bundle.networks import PGLResNetEncoder, PGLSegmentationNet
-from pgl_bundle.transfer import FreezeEncoder, export_encoder, load_pretrained_encoder
+from pgl_bundle.transfer import PLAN_DEFAULTS, adaptation_plan, export_encoder, load_pretrained_encoder, write_plan
 
 LAYERS = [1, 1, 1, 1]  # the pretraining config's encoder, at its default widths and block, one block per stage
 
@@ -223,21 +227,78 @@ def test_export_refuses_a_network_without_resnet(pretrained):
         export_encoder(pretrained / "pretrained_encoder.pt", UNet(3, 1, 2, channels=(4, 8), strides=(2,)))
 
 
-def test_freeze_encoder_for_the_first_epochs():
-    net = PGLSegmentationNet(
-        PGLResNetEncoder(layers=LAYERS, block="basic", block_inplanes=(8, 16, 32, 64)),
-        2,
-        decoder_channels=(16, 8, 8, 8, 8),
-    )
-    seen = []
-    engine = Engine(
-        lambda e, b: seen.append(
-            (
-                any(p.requires_grad for p in net.encoder.parameters()),
-                all(p.requires_grad for p in net.head.parameters()),
-            )
-        )
-    )
-    FreezeEncoder(net, epochs=2).attach(engine)
-    engine.run([0], max_epochs=4)
-    assert seen == [(False, True), (False, True), (True, True), (True, True)]
+def test_pretraining_writes_its_adaptation_plan(pretrained):
+    plan = json.loads((pretrained / "pretrained_encoder.json").read_text())
+    assert plan == {
+        **PLAN_DEFAULTS,
+        "encoder_layers": LAYERS,
+        "patch_size": [64, 64, 16],
+    }
+
+
+def test_fine_tuning_builds_the_encoder_of_the_plan(pretrained, repo_root):
+    """Only --pretrained_encoder is given: the plan's one-block-per-stage encoder is built and loads."""
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "configs" / "train.json"))
+    parser.update({"device": "$torch.device('cpu')", "pretrained_encoder": str(pretrained / "pretrained_encoder.pt")})
+    net = parser.get_parsed_content("network")
+    assert [len(getattr(net.encoder, f"layer{i}")) for i in range(1, 5)] == LAYERS
+    assert parser.get_parsed_content("plan") == {**PLAN_DEFAULTS, "encoder_layers": LAYERS}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "planned"),
+    [("encoder_width", [32, 64, 128, 256], "[64, 128, 256, 512]"), ("hu_window", [-1024, 325], "[-200, 300]")],
+)
+def test_a_setting_contradicting_the_plan_is_refused_with_the_plans_value(pretrained, key, value, planned):
+    checkpoint = pretrained / "pretrained_encoder.pt"
+    message = f"--{key} {re.escape(json.dumps(value))} contradicts the adaptation plan .* {key} = {re.escape(planned)}"
+    with pytest.raises(BadInputError, match=message):
+        adaptation_plan(checkpoint, **{key: value})
+    assert adaptation_plan(checkpoint, encoder_layers=LAYERS)["encoder_layers"] == LAYERS  # agreeing: fine
+
+
+def test_without_a_plan_the_given_settings_and_the_defaults_apply(tmp_path):
+    assert adaptation_plan("") == PLAN_DEFAULTS
+    assert adaptation_plan(tmp_path / "no_plan.pt", pixdim=(1.0, 1.0, 3.0))["pixdim"] == [1.0, 1.0, 3.0]
+
+
+def test_a_broken_plan_is_named(tmp_path):
+    (tmp_path / "encoder.json").write_text('{"encoder_layers": [1, 1, 1, 1]}')
+    with pytest.raises(BadInputError, match=re.escape(f"{tmp_path / 'encoder.json'}: the adaptation plan lacks")):
+        adaptation_plan(tmp_path / "encoder.pt")
+
+
+def test_a_wrong_encoder_file_is_the_last_line_and_comes_before_any_data_is_read(repo_root, tmp_path):
+    """A MONAI UNet's weights as --pretrained_encoder, and a dataset that does not exist: the run stops on the
+    encoder (so before reading data), with the file named in the last line it prints."""
+    wrong = tmp_path / "unet.pt"
+    torch.save(UNet(3, 1, 2, channels=(4, 8), strides=(2,)).state_dict(), wrong)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(repo_root / "configs" / "train.json")]
+    cmd += [
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(tmp_path / "no_data"),
+        "--pretrained_encoder",
+        str(wrong),
+    ]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    last = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-1]
+    assert result.returncode != 0 and str(wrong) in last and "no tensor name matches" in last, last
+    assert f"{tmp_path / 'no_data'}:" not in result.stdout + result.stderr  # no error about the data: not read
+
+
+def test_the_probe_and_evaluation_read_the_plan(pretrained, repo_root, tmp_path):
+    """The probe builds its encoder from the encoder file's plan; evaluation from the plan fine-tuning wrote."""
+    configs = [str(repo_root / "configs" / c) for c in ("train.json", "evaluate.json", "probe.json")]
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update({"pretrained_encoder": str(pretrained / "pretrained_encoder.pt")})
+    assert parser.get_parsed_content("plan")["encoder_layers"] == LAYERS
+    parser = ConfigParser()
+    parser.read_config(configs[:2])
+    (tmp_path / "models").mkdir()
+    write_plan(tmp_path / "models" / "model.pt", {**PLAN_DEFAULTS, "encoder_width": [8, 8, 16, 16]})
+    parser.update({"bundle_root": str(tmp_path)})
+    assert parser.get_parsed_content("encoder").out_channels[-1] == 16 * 4

@@ -1,258 +1,137 @@
-"""Random vs BYOL vs PGL initialisation on labelled CT: the paper's claim as one rerunnable command.
+"""Random vs PGL (vs BYOL) initialisation on labelled CT, across transfer strategies and label budgets: one rerunnable
+command for the paper's claim.
 
     python -m pgl_bundle compare --labelled ../shared/data/sts --output_dir runs/compare --preset cpu \
-        --unlabelled "['../shared/data/unlabeled','../shared/data/sts']"
+        --unlabelled "['../shared/data/sts','../shared/data/unlabeled']"
 
-Stages, each a ``python -m monai.bundle run`` of this bundle's own configs in a folder of its own, skipped
-when its output already exists (so an interrupted comparison resumes where it stopped):
+The labelled cases are split once: the last ``num_test_cases`` are the test set, the ``num_val_cases`` before them
+the validation set, the first ones the training pool; a budget of ``n`` labelled cases trains on the pool's first
+``n`` (smaller budgets are subsets of larger ones). The validation and test images are left out of the pretraining
+set. Stages, each a ``python -m monai.bundle run`` in a folder of its own, skipped when its result exists (an
+interrupted comparison resumes where it stopped):
 
-1. pretrain PGL and BYOL on the unlabelled volumes, once per pretraining length;
-2. fine-tune every arm (random init, and each pretrained encoder) at every learning rate of the sweep, on the
-   first ``n`` labelled training cases, for each budget ``n`` and seed, with the same iterations and warm-up; a
-   pretrained encoder trains at ``encoder_lr_scale`` times the decoder's rate (``configs/train.json``);
-3. per arm and budget, keep the learning rate with the best mean validation Dice over seeds (``sweep.csv``);
-4. evaluate those runs, every seed, on the held-out test cases (the last ``num_test_cases`` of the datalist);
-5. write ``results.csv`` (one row per arm, budget, seed and test case), ``results.md`` (mean test Dice, spread over
-   seeds and over cases, and paired bootstrap intervals of PGL - random and PGL - BYOL) and ``results.png``.
+1. pretrain PGL and BYOL once each, on the same schedule, keeping a full checkpoint at every iteration an encoder is
+   taken from; each encoder (``pgl375``: PGL at iteration 375) is written as an encoder file with its adaptation plan;
+2. selection, on the first seed and the selection budget only: fine-tune every selection encoder with every
+   transfer strategy (:data:`STRATEGIES`: keys of ``configs/train.json``) at every encoder learning-rate factor;
+   per encoder, keep the strategy and factor with the best validation Dice (``selection.csv``); no test case is
+   seen;
+3. the label-budget curve: every encoder, at every budget and seed, with its method's selected strategy (and the
+   ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection;
+4. test every run of step 3 (and of step 2) with ``configs/evaluate.json``, whose sliding window is inference's; a
+   run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out, the floor of its
+   fine-tuning);
+5. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
+   x strategy x budget, mean test Dice over seeds, paired bootstrap interval against random) and ``results.png``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import os
-import re
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pgl_bundle.data import load_datalist
-from pgl_bundle.stats import paired_bootstrap
-from tqdm import tqdm
+from pgl_bundle.experiments.presets import PRESETS, PRETRAINED_ONLY, STRATEGIES, strategy_overrides
+from pgl_bundle.experiments.report import write_report
+from pgl_bundle.experiments.runner import (
+    CONFIGS,
+    best_validation_dice,
+    extract_encoder,
+    pretrain,
+    run_all,
+    run_bundle,
+    write_datalist,
+)
+from pgl_bundle.transfer import PLAN_DEFAULTS
 
-__all__ = ["PRESETS", "Arm", "compare", "select_learning_rates"]
+__all__ = ["Run", "compare", "curve_runs", "pretraining_volumes", "select"]
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {
-    "pgl": ["configs/pretrain.json"],
-    "byol": ["configs/pretrain.json", "configs/pretrain_byol.json"],
-    "train": ["configs/train.json"],
-    "evaluate": ["configs/train.json", "configs/evaluate.json"],
-}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Arm:
-    """One way to initialise the segmentation encoder.
+class Run:
+    """One fine-tuning: an encoder (``random``, ``pgl375``, ...), a strategy and encoder factor, a budget, a seed."""
 
-    Args:
-        init: ``"random"``, ``"pgl"`` or ``"byol"``.
-        pretrain_epochs: pretraining length (pretrained arms only).
-    """
-
-    init: str
-    pretrain_epochs: int = 0
+    encoder: str
+    strategy: str
+    scale: float
+    budget: int
+    seed: int
 
     @property
-    def name(self) -> str:
-        return "random" if self.init == "random" else f"{self.init} {self.pretrain_epochs}ep"
+    def method(self) -> str:
+        """``random``, ``pgl`` or ``byol``."""
+        return _method(self.encoder)
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_")
+        return f"{self.encoder}_{self.strategy}_x{self.scale:g}_n{self.budget}_seed{self.seed}"
 
 
-def _arms(pretrain_epochs: Sequence[int]) -> list[Arm]:
-    """Random init, plus PGL and BYOL at every pretraining length."""
-    return [Arm("random")] + [Arm(method, e) for method in ("pgl", "byol") for e in pretrain_epochs]
-
-
-# Fine-tuning: configs/train.json's recipe (AdamW, warm-up + cosine, iterations, validation every val_interval
-# iterations keeping the best); every arm gets every learning rate of the sweep, pretrained encoders at
-# encoder_lr_scale times it. Timings of cpu and gpu-10min: docs/results.md ("Presets").
-PRESETS: dict[str, dict] = {
-    # end-to-end check of the machinery, seconds per stage (CI)
-    "tiny": {
-        "model": {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 16, 32, 32]},
-        "pretrain": {"patch_size": [64, 64, 16], "hidden_channels": 64, "batch_size": 2, "num_volumes": 4},
-        "finetune": {
-            "patch_size": [64, 64, 16],
-            "batch_size": 2,
-            "num_samples": 1,
-            "num_iterations": 2,
-            "val_interval": 1,
-            "warmup_iterations": 1,
-            "decoder_channels": [32, 16, 16, 8, 8],
-        },
-        "pretrain_epochs": [1],
-        "learning_rates": [1e-3],
-        "encoder_lr_scale": 0.1,
-        "budgets": [2],
-        "seeds": [0],
-        "num_val_cases": 1,
-        "num_test_cases": 2,
-        "parallel": 2,  # two stages at a time: start-up (imports) is most of a tiny stage, one core each
-        "threads_per_stage": 1,  # two stages of 2 threads on 2 cores spin-wait: 2.3x slower than one at a time
-    },
-    # 2 CPU cores, at most 3 hours (estimate: docs/results.md)
-    "cpu": {
-        "model": {"encoder_layers": [1, 1, 1, 1], "encoder_block": "bottleneck", "encoder_width": [32, 64, 128, 256]},
-        "pretrain": {"patch_size": [64, 64, 16], "hidden_channels": 1024, "batch_size": 4, "learning_rate": 0.001},
-        "finetune": {
-            "patch_size": [64, 64, 32],
-            "batch_size": 2,
-            "num_samples": 2,
-            "num_iterations": 240,
-            "val_interval": 80,
-            "warmup_iterations": 20,
-        },
-        "pretrain_epochs": [20],
-        "learning_rates": [3e-4, 1e-3],
-        "encoder_lr_scale": 0.1,
-        "budgets": [5],
-        "seeds": [0, 1, 2],
-        "num_val_cases": 2,
-        "num_test_cases": 10,
-        "parallel": 2,  # two stages at a time, one thread each: one per core
-        "threads_per_stage": 1,
-    },
-    # one H100/H200, at most 10 minutes, ResNet-50 at the paper's pretraining patch (measured: docs/results.md)
-    "gpu-10min": {
-        "model": {"encoder_layers": [3, 4, 6, 3], "encoder_block": "bottleneck", "encoder_width": [64, 128, 256, 512]},
-        "pretrain": {
-            "patch_size": [96, 96, 16],
-            "batch_size": 32,
-            "volume_repeats": 16,  # ~20 volumes x 16 / 32: about 10 batches per epoch, every worker busy
-            "learning_rate": 0.001,
-            "warmup_epochs": 1,
-            "amp": True,
-            "compile": False,  # compiling the dual-path ResNet-50 costs about as long as the whole pretraining here
-            "num_workers": 6,
-            "checkpoint_interval": 1000,  # the final checkpoint only (1.1 GB each)
-        },
-        "finetune": {
-            "patch_size": [96, 96, 32],
-            "batch_size": 2,
-            "num_samples": 2,
-            "num_iterations": 300,
-            "val_interval": 100,
-            "warmup_iterations": 30,
-            "amp": True,
-            "num_workers": 2,
-        },
-        "pretrain_epochs": [15],
-        "learning_rates": [3e-4, 1e-3],
-        "encoder_lr_scale": 0.1,
-        "budgets": [5],
-        "seeds": [0, 1, 2],
-        "num_val_cases": 2,
-        "num_test_cases": 10,
-        "parallel": 6,  # small runs side by side fill one GPU; 16 host cores
-        "threads_per_stage": 2,
-    },
-    # the paper's settings (method spec, section 6): for GPUs, hours
-    "paper": {
-        "model": {"encoder_layers": [3, 4, 6, 3], "encoder_block": "bottleneck", "encoder_width": [64, 128, 256, 512]},
-        "pretrain": {
-            "patch_size": [96, 96, 16],
-            "batch_size": 128,
-            "learning_rate": 0.2,
-            "warmup_epochs": 2,
-            "amp": True,
-            "optimizer#_target_": "pgl_bundle.LARS",
-        },
-        "finetune": {
-            "patch_size": [160, 160, 48],
-            "batch_size": 8,
-            "num_samples": 1,
-            "num_iterations": 10000,
-            "val_interval": 500,
-            "warmup_iterations": 500,
-            "amp": True,
-        },
-        "pretrain_epochs": [100, 500],
-        "learning_rates": [1e-4, 3e-4, 1e-3],
-        "encoder_lr_scale": 0.1,
-        "budgets": [2, 5, 18],
-        "seeds": [0, 1, 2],
-        "num_val_cases": 2,
-        "num_test_cases": 10,
-    },
-}
-
-
-def _run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: str = "run", threads: int = 0) -> None:
-    """``python -m monai.bundle run`` in a subprocess; its log is appended to ``bundle_root/log.txt``.
-
-    ``threads``: the subprocess's ``OMP_NUM_THREADS`` (torch's intra-op threads, and its data workers'); 0: inherited.
-    """
-    files = "[" + ",".join(repr(os.path.join(_ROOT, c)) for c in configs) + "]"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        files,
-        "--bundle_root",
-        bundle_root,
-        "--logging_file",
-        os.path.join(_ROOT, "configs", "logging.conf"),
-    ]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    os.makedirs(bundle_root, exist_ok=True)
-    with open(os.path.join(bundle_root, "log.txt"), "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-        result = subprocess.run(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        with open(os.path.join(bundle_root, "log.txt")) as log:
-            tail = log.read()[-3000:]  # the failed run's output is the end of the log
-        raise RuntimeError(f"stage in {bundle_root} failed ({' '.join(cmd)}):\n{tail}")
-
-
-def _write_datalist(path: str, items: list[dict]) -> str:
-    with open(path, "w") as f:
-        json.dump({"training": items}, f, indent=1)
-    return path
-
-
-def _mean_dice_per_case(eval_dir: str) -> list[tuple[str, float]]:
-    """Per test case, the mean foreground Dice from MONAI's ``MetricsSaver`` raw CSV."""
-    with open(os.path.join(eval_dir, "val_mean_dice_raw.csv")) as f:
-        rows = list(csv.reader(f))
-    return [(row[0], float(row[-1])) for row in rows[1:]]
-
-
-def _best_validation_dice(bundle_root: str) -> float:
-    """The best validation Dice of the last training run logged in ``bundle_root/log.txt`` (MONAI's evaluator line)."""
-    with open(os.path.join(bundle_root, "log.txt")) as f:
-        found = re.findall(r"Key metric: val_mean_dice best value: ([0-9.eE+-]+)", f.read())
-    if not found:
-        raise RuntimeError(f"{bundle_root}/log.txt: the training logged no validation; cannot rank its learning rate.")
-    return float(found[-1])
-
-
-def select_learning_rates(sweep: Sequence[tuple[Arm, float, int, int, float]]) -> dict[tuple[Arm, int], float]:
-    """Per arm and budget, the learning rate with the best validation Dice averaged over seeds (no test case seen).
+def select(scores: dict[Run, float]) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
+    """Per method and strategy, the encoder factor with the best validation Dice; per method, the best strategy.
 
     Args:
-        sweep: ``(arm, learning_rate, budget, seed, best validation Dice)`` of every fine-tuning run.
+        scores: best validation Dice of each selection run.
 
     Returns:
-        ``{(arm, budget): learning rate}``; ties go to the smaller rate.
+        ``{(method, strategy): factor}`` and ``{method: strategy}``; ties go to the earlier strategy (the order of
+        :data:`STRATEGIES`) and the smaller factor.
     """
-    scores: dict[tuple[Arm, int], dict[float, list[float]]] = {}
-    for arm, lr, n, _, dice in sweep:
-        scores.setdefault((arm, n), {}).setdefault(lr, []).append(dice)
-    return {key: max(sorted(by_lr), key=lambda lr: statistics.mean(by_lr[lr])) for key, by_lr in scores.items()}
+    best: dict[tuple[str, str], tuple[float, float]] = {}
+    for run in sorted(scores, key=lambda r: (list(STRATEGIES).index(r.strategy), r.scale)):
+        key = (run.method, run.strategy)
+        if key not in best or scores[run] > best[key][1]:
+            best[key] = (run.scale, scores[run])
+    factors = {key: scale for key, (scale, _) in best.items()}
+    strategies: dict[str, str] = {}
+    for (method, strategy), (_, dice) in best.items():
+        if method not in strategies or dice > best[method, strategies[method]][1]:
+            strategies[method] = strategy
+    return factors, strategies
+
+
+def pretraining_volumes(sources: Sequence[str], labelled: list[dict], held_out: int) -> list[dict]:
+    """The pretraining volumes of ``sources`` (folders, dataset.json files, globs or single volumes), without the
+    images of the last ``held_out`` labelled cases (validation and test), compared by real path."""
+    excluded = {os.path.realpath(item["image"]) for item in labelled[len(labelled) - held_out :]}
+    images = []
+    for source in sources:
+        single = os.path.isfile(source) and not source.endswith(".json")
+        images += [{"image": item["image"]} for item in ([{"image": source}] if single else load_datalist(source))]
+    kept = [item for item in images if os.path.realpath(item["image"]) not in excluded]
+    logger.info(f"pretraining volumes: {len(kept)} ({len(images) - len(kept)} validation or test images left out).")
+    return kept
+
+
+def curve_runs(
+    encoders: Sequence[str],
+    chosen: dict[str, str],
+    factors: dict[tuple[str, str], float],
+    also: Sequence[str],
+    budgets: Sequence[int],
+    encoder_budgets: dict[str, Sequence[int]],
+    seeds: Sequence[int],
+) -> list[Run]:
+    """The label-budget curve: every encoder with its method's selected strategy (a BYOL encoder: PGL's) and the
+    ``also`` strategies, each at its selected factor, at its budgets (``encoder_budgets``, else ``budgets``)."""
+    runs = []
+    for encoder in encoders:
+        method = "pgl" if encoder.startswith("byol") else _method(encoder)
+        names = [chosen[method], *also] if method in chosen else []
+        for strategy in dict.fromkeys(s for s in names if (method, s) in factors):
+            for budget in encoder_budgets.get(encoder, budgets):
+                runs += [Run(encoder, strategy, factors[method, strategy], budget, seed) for seed in seeds]
+    return list(dict.fromkeys(runs))
+
+
+def _method(encoder: str) -> str:
+    return encoder.rstrip("0123456789")
 
 
 def compare(
@@ -263,208 +142,135 @@ def compare(
     label_names: Sequence[str] = ("background", "tumour"),
     budgets: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
-    pretrain_epochs: Sequence[int] | None = None,
-    learning_rates: Sequence[float] | None = None,
+    strategies: Sequence[str] | None = None,
+    encoder_lr_scales: Sequence[float] | None = None,
+    also: Sequence[str] = (),
     num_workers: int = 0,
     parallel: int = 0,
+    report_only: bool = False,
 ) -> str:
-    """Run the comparison; return the path of ``results.md``. Preset values can be overridden by the arguments.
+    """Run the comparison; return the path of ``results.md``. The arguments override the preset's values.
 
     Args:
-        labelled: the labelled data (MSD-style dataset.json or its folder); its last ``num_test_cases`` cases
-            are the test set, the ``num_val_cases`` before them select the checkpoint and the learning rate, the
-            rest is the training pool.
-        unlabelled: sources of pretraining volumes (folders, dataset.json files, globs or single files);
-            empty: the labelled data's images.
+        labelled: the labelled data (MSD-style dataset.json or its folder), split as the module docstring says.
+        unlabelled: sources of pretraining volumes (folders, dataset.json files, globs or single files); empty: the
+            labelled data's images. Validation and test images among them are left out (by their real path).
         output_dir: where every stage writes; rerunning skips finished stages.
         preset: ``tiny``, ``cpu``, ``gpu-10min`` or ``paper`` (see :data:`PRESETS`).
         label_names: class names of the labelled data, background first.
-        budgets, seeds, pretrain_epochs, learning_rates: override the preset's.
+        budgets, seeds: the label budgets and seeds of the curve.
+        strategies: the strategies the selection compares (names of :data:`STRATEGIES`).
+        encoder_lr_scales: the encoder learning-rate factors the selection compares, for every strategy.
+        also: strategies run on the whole curve besides each method's selected one (at their selected factor).
         num_workers: data loader workers of every stage (unless the preset sets them).
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
+        report_only: run nothing; write the report from the finished runs.
     """
     settings = PRESETS[preset]
-    threads = settings.get("threads_per_stage", 0)
-    budgets, seeds = budgets or settings["budgets"], seeds or settings["seeds"]
-    pretrain_epochs = pretrain_epochs or settings["pretrain_epochs"]
-    learning_rates = learning_rates or settings["learning_rates"]
+    budgets, seeds = list(budgets or settings["budgets"]), list(seeds or settings["seeds"])
+    strategy_names = list(strategies or settings["strategies"])
+    scales = list(encoder_lr_scales or settings["encoder_lr_scales"])
+    unknown = [s for s in [*strategy_names, *also] if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; known: {list(STRATEGIES)}.")
+    threads, parallel = settings.get("threads_per_stage", 0), parallel or settings.get("parallel", 1)
     output_dir, labelled = os.path.abspath(output_dir), os.path.abspath(labelled)
     os.makedirs(output_dir, exist_ok=True)
-    labelled_items = load_datalist(labelled, keys=["image", "label"])
-    pool = len(labelled_items) - settings["num_val_cases"] - settings["num_test_cases"]
-    if max(budgets) > pool:
-        raise ValueError(
-            f"{labelled}: budget {max(budgets)} exceeds the {pool} training cases left after validation and test."
-        )
-    sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
-    images = []
-    for source in sources:
-        images += (
-            [{"image": source}] if os.path.isfile(source) and not source.endswith(".json") else load_datalist(source)
-        )
-    unlabelled_json = _write_datalist(os.path.join(output_dir, "unlabelled.json"), images)
+    items = load_datalist(labelled, keys=["image", "label"])
+    num_val, num_test = settings["num_val_cases"], settings["num_test_cases"]
+    pool = len(items) - num_val - num_test
+    if max(budgets + [settings["selection"]["budget"]]) > pool:
+        raise ValueError(f"{labelled}: a budget exceeds the {pool} training cases left after validation and test.")
     common = {"num_workers": num_workers, **settings["model"]}
-    arms = _arms(pretrain_epochs)
     finetune = {
         **common,
         **settings["finetune"],
         "dataset_dir": labelled,
-        "num_val_cases": settings["num_val_cases"],
-        "num_test_cases": settings["num_test_cases"],
+        "num_val_cases": num_val,
+        "num_test_cases": num_test,
         "label_names": list(label_names),
     }
-    # the learning rate is chosen on the first seed's validation Dice; the other seeds rerun the chosen rate only
-    sweep_runs = [(arm, lr, n, seeds[0]) for n in budgets for arm in arms for lr in learning_rates]
-    timings = {}
+    encoders = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
+    timings: dict[str, float] = {}
 
-    def run_dir(arm: Arm, lr: float, n: int, seed: int) -> str:
-        return os.path.join(output_dir, "finetune", f"{arm.slug}_lr{lr:g}_n{n}_seed{seed}")
+    def encoder_file(encoder: str) -> str:
+        method = _method(encoder)
+        return os.path.join(output_dir, "pretrain", method, "encoders", f"iteration_{encoder[len(method) :]}.pt")
 
-    def overrides(arm: Arm, lr: float, n: int, seed: int) -> dict:
+    def pretrain_stage(method: str) -> None:
+        start = time.time()
+        found = pretrain(
+            method,
+            os.path.join(output_dir, "pretrain", method),
+            unlabelled_json,
+            schedule,
+            {**common, **settings["pretrain"]},
+            threads,
+        )
+        plan = {key: settings["pretrain"].get(key, common.get(key, default)) for key, default in PLAN_DEFAULTS.items()}
+        plan["patch_size"] = settings["pretrain"]["patch_size"]
+        for iteration in settings["encoders"].get(method, []):
+            extract_encoder(found[iteration], encoder_file(f"{method}{iteration}"), plan)
+        timings[f"pretrain/{method}"] = time.time() - start
+
+    def root(run: Run) -> str:
+        return os.path.join(output_dir, "finetune", run.slug)
+
+    def overrides(run: Run) -> dict:
         # overwrite: an interrupted fine-tuning stage starts afresh (its old model is moved aside, not lost)
-        values = {**finetune, "num_train_cases": n, "seed": seed, "learning_rate": lr, "overwrite": True}
-        if arm.init != "random":
-            values["encoder_lr_scale"] = settings["encoder_lr_scale"]
-            values["pretrained_encoder"] = os.path.join(
-                output_dir, "pretrain", f"{arm.init}_{arm.pretrain_epochs}ep", "models", "pretrained_encoder.pt"
-            )
+        values = {**finetune, "num_train_cases": run.budget, "seed": run.seed, "overwrite": True}
+        values.update(strategy_overrides(run.strategy, finetune), encoder_lr_scale=run.scale)
+        if run.encoder != "random":
+            values["pretrained_encoder"] = encoder_file(run.encoder)
         return values
 
-    def pretrain(method: str, epochs: int) -> None:
-        root = os.path.join(output_dir, "pretrain", f"{method}_{epochs}ep")
-        if not os.path.isfile(os.path.join(root, "models", "pretrained_encoder.pt")):
-            start = time.time()
-            _run_bundle(
-                CONFIGS[method],
-                root,
-                {
-                    **common,
-                    **settings["pretrain"],
-                    "dataset_dir": unlabelled_json,
-                    "max_epochs": epochs,
-                    "resume_from": "latest",
-                },
-                run_id="training",
-                threads=threads,
-            )
-            timings[root] = time.time() - start
-
-    def fine_tune(arm: Arm, lr: float, n: int, seed: int) -> float:
-        root = run_dir(arm, lr, n, seed)
-        done = os.path.join(root, "validation.json")
+    def fine_tune(run: Run) -> float:
+        done = os.path.join(root(run), "validation.json")
         if not os.path.isfile(done):
             start = time.time()
-            _run_bundle(CONFIGS["train"], root, overrides(arm, lr, n, seed), threads=threads)
+            run_bundle(CONFIGS["train"], root(run), overrides(run), threads=threads)
             with open(done, "w") as f:
-                json.dump({"best_val_mean_dice": _best_validation_dice(root)}, f)
-            timings[root] = time.time() - start
+                json.dump({"best_val_mean_dice": best_validation_dice(root(run))}, f)
+            timings[run.slug] = time.time() - start
         with open(done) as f:
             return json.load(f)["best_val_mean_dice"]
 
-    def test(arm: Arm, lr: float, n: int, seed: int) -> None:
-        root = run_dir(arm, lr, n, seed)
-        if not os.path.isfile(os.path.join(root, "eval", "val_mean_dice_raw.csv")):
-            start = time.time()
-            _run_bundle(CONFIGS["evaluate"], root, overrides(arm, lr, n, seed), threads=threads)
-            timings[root + "/eval"] = time.time() - start
+    def test(run: Run) -> None:
+        values = overrides(run)
+        del values["overwrite"]
+        models = {"eval": "model.pt"}
+        if values.get("linear_probe_iterations"):
+            models["eval_linear_probe"] = "linear_probe.pt"
+        for folder, model in models.items():
+            if not os.path.isfile(os.path.join(root(run), folder, "val_mean_dice_raw.csv")):
+                start = time.time()
+                paths = {"model_file": os.path.join(root(run), "models", model)}
+                paths["output_dir"] = os.path.join(root(run), folder)
+                run_bundle(CONFIGS["evaluate"], root(run), {**values, **paths}, threads=threads)
+                timings[f"{run.slug}/{folder}"] = time.time() - start
 
-    # stages are subprocesses: `parallel` of them share the machine (several small runs fill one GPU)
-    with ThreadPoolExecutor(max_workers=parallel or settings.get("parallel", 1)) as pool:
-
-        def each(function, jobs: list[tuple], desc: str) -> list:
-            return list(tqdm(pool.map(lambda job: function(*job), jobs), total=len(jobs), desc=desc, unit="run"))
-
-        each(pretrain, [(m, e) for m in ("pgl", "byol") for e in pretrain_epochs], "pretrain")
-        sweep = [(*run, dice) for run, dice in zip(sweep_runs, each(fine_tune, sweep_runs, "learning-rate sweep"))]
-        selected = select_learning_rates(sweep)
-        each(fine_tune, [(arm, selected[arm, n], n, seed) for arm, n in selected for seed in seeds[1:]], "seeds")
-        each(test, [(arm, selected[arm, n], n, seed) for arm, n in selected for seed in seeds], "test")
-    with open(os.path.join(output_dir, "timings.json"), "a") as f:
-        json.dump(timings, f)
-        f.write("\n")
-    return _report(output_dir, arms, budgets, seeds, sweep, selected, run_dir)
-
-
-def _report(
-    output_dir: str, arms: list[Arm], budgets: Sequence[int], seeds: Sequence[int], sweep: list, selected: dict, run_dir
-) -> str:
-    """Write sweep.csv, results.csv, results.md and results.png from the finished runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(output_dir, "sweep.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["arm", "learning_rate", "budget", "seed", "best_val_mean_dice"])
-        writer.writerows((a.name, lr, n, seed, v) for a, lr, n, seed, v in sweep)
-    rows = []
-    for (arm, n), lr in selected.items():
-        for seed in seeds:
-            eval_dir = os.path.join(run_dir(arm, lr, n, seed), "eval")
-            rows += [(arm.name, n, lr, seed, case, dice) for case, dice in _mean_dice_per_case(eval_dir)]
-    with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["arm", "budget", "learning_rate", "seed", "case", "dice"])
-        writer.writerows(rows)
-
-    def per_case(name: str, n: int) -> dict[str, float]:
-        """Per test case, the Dice averaged over seeds."""
-        cases = sorted({r[4] for r in rows if r[:2] == (name, n)})
-        return {c: statistics.mean(r[5] for r in rows if r[:2] == (name, n) and r[4] == c) for c in cases}
-
-    def per_seed(name: str, n: int) -> list[float]:
-        """Per seed, the Dice averaged over test cases."""
-        return [statistics.mean(r[5] for r in rows if r[:2] == (name, n) and r[3] == s) for s in seeds]
-
-    sd = lambda values: statistics.stdev(values) if len(values) > 1 else 0.0  # noqa: E731
-    table = [
-        "| arm | budget | learning rate (by validation) | test Dice | sd over seeds | sd over cases |",
-        "| --- | --- | --- | --- | --- | --- |",
+    selection = settings["selection"]
+    selection_runs = [
+        Run(encoder, strategy, scale, selection["budget"], seeds[0])
+        for encoder in selection["encoders"]
+        for strategy in strategy_names
+        if not (encoder == "random" and strategy in PRETRAINED_ONLY)
+        for scale in settings.get("strategy_lr_scales", {}).get(strategy, scales)
     ]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for arm in arms:
-        means, spreads = [], []
-        for n in budgets:
-            seed_means, case_means = per_seed(arm.name, n), list(per_case(arm.name, n).values())
-            means.append(statistics.mean(seed_means))
-            spreads.append(sd(seed_means))
-            table.append(
-                f"| {arm.name} | {n} | {selected[arm, n]:g} | {means[-1]:.3f} | {spreads[-1]:.3f} | "
-                f"{sd(case_means):.3f} |"
-            )
-        axis.errorbar(budgets, means, yerr=spreads, marker="o", capsize=3, label=arm.name)
-    pairs = [
-        (a, b)
-        for a in arms
-        if a.init == "pgl"
-        for b in arms
-        if b.init == "random" or (b.init == "byol" and b.pretrain_epochs == a.pretrain_epochs)
-    ]
-    differences = [
-        "| difference | budget | mean | 95 % interval (paired bootstrap over test cases) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for a, b in pairs:
-        for n in budgets:
-            da, db = per_case(a.name, n), per_case(b.name, n)
-            result = paired_bootstrap([da[c] for c in da], [db[c] for c in da])
-            differences.append(
-                f"| {a.name} - {b.name} | {n} | {result.mean:+.3f} | [{result.low:+.3f}, {result.high:+.3f}] |"
-            )
-    axis.set_xlabel("labelled training cases")
-    axis.set_ylabel("mean Dice on held-out cases")
-    axis.set_xticks(list(budgets))
-    axis.legend(fontsize=7)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "results.png"), dpi=120)
-    note = (
-        f"Test Dice: per-case mean foreground Dice on the held-out cases, averaged over cases and {len(seeds)} "
-        "seed(s) at the learning rate each arm reached its best mean validation Dice with (sweep.csv); sd over "
-        "seeds: of the per-seed means; sd over cases: of the per-case means over seeds. Differences: per test "
-        "case, seeds averaged, then a 95 % percentile bootstrap over cases (pgl_bundle.stats.paired_bootstrap)."
-    )
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write("\n".join(table) + "\n\n" + "\n".join(differences) + "\n\n" + note + "\n")
-    return os.path.join(output_dir, "results.md")
+    if not report_only:
+        sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
+        kept = pretraining_volumes(sources, items, num_val + num_test)
+        unlabelled_json = write_datalist(os.path.join(output_dir, "unlabelled.json"), kept)
+        schedule = sorted({i for iterations in settings["encoders"].values() for i in iterations})
+        run_all(pretrain_stage, [(m,) for m in settings["encoders"]], parallel, "pretrain")
+        scores = dict(zip(selection_runs, run_all(fine_tune, [(r,) for r in selection_runs], parallel, "selection")))
+    else:
+        scores = {r: fine_tune(r) for r in selection_runs if os.path.isfile(os.path.join(root(r), "validation.json"))}
+    factors, chosen = select(scores)
+    curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds)
+    if not report_only:
+        run_all(fine_tune, [(r,) for r in curve if r not in scores], parallel, "curve")
+        run_all(test, [(r,) for r in dict.fromkeys([*curve, *selection_runs])], parallel, "test")
+        with open(os.path.join(output_dir, "timings.json"), "a") as f:
+            f.write(json.dumps(timings) + "\n")
+    return write_report(output_dir, scores, curve, root, factors, chosen)

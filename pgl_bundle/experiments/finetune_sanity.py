@@ -1,6 +1,6 @@
 """Sanity bar of the fine-tuning recipe: the bundle's randomly initialised network against a plain MONAI UNet.
 
-    python scripts/finetune_sanity.py --labelled ../shared/data/sts --output_dir runs/sanity \
+    python -m pgl_bundle finetune_sanity --labelled ../shared/data/sts --output_dir runs/sanity \
         --networks "['unet','bundle']" --windows "[[-200,300],[-1024,325]]" --iterations "[400]"
 
 Both networks run through the same ``configs/train.json`` recipe (5 labelled cases, patch 96 x 96 x 32, batch 2
@@ -17,9 +17,11 @@ import csv
 import os
 import re
 import statistics
+from collections.abc import Sequence
 
-import fire
-from pgl_bundle.compare import CONFIGS, _mean_dice_per_case, _run_bundle
+from pgl_bundle.experiments.runner import CONFIGS, dice_per_case, run_bundle
+
+__all__ = ["finetune_sanity"]
 
 UNET = {
     "network_def": {
@@ -32,8 +34,15 @@ UNET = {
         "num_res_units": 2,
         "norm": "batch",
     },
-    "optimizer#params": "$@network.parameters()",  # one group: the UNet has no encoder
-    "train#handlers#1#_disabled_": True,  # FreezeEncoder (no encoder)
+    # one parameter group and MONAI's warm-up + cosine schedule: the UNet has no encoder to transfer
+    "optimizer#params": "$@network.parameters()",
+    "lr_scheduler": {
+        "_target_": "monai.optimizers.WarmupCosineSchedule",
+        "optimizer": "@optimizer",
+        "warmup_steps": "@warmup_iterations",
+        "t_total": "@num_iterations",
+    },
+    "train#handlers#1": {"_target_": "pgl_bundle.finetuning.TransferHandler", "_disabled_": True},
 }
 SMALL_ENCODER = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "bottleneck", "encoder_width": [32, 64, 128, 256]}
 
@@ -44,13 +53,13 @@ def validation_curve(root: str) -> list[float]:
         return [float(v) for v in re.findall(r"Metrics -- .*?val_mean_dice: ([0-9.]+)", f.read())]
 
 
-def main(
+def finetune_sanity(
     labelled: str,
     output_dir: str = "runs/sanity",
-    networks=("unet", "bundle"),
-    windows=((-200, 300),),
-    iterations=(400,),
-    seeds=(0,),
+    networks: Sequence[str] = ("unet", "bundle"),
+    windows: Sequence[Sequence[float]] = ((-200, 300),),
+    iterations: Sequence[int] = (400,),
+    seeds: Sequence[int] = (0,),
     num_train_cases: int = 5,
     num_val_cases: int = 5,
     val_interval: int = 100,
@@ -81,7 +90,7 @@ def main(
                         "num_threads": num_threads,
                     }
                     if not os.path.isfile(os.path.join(root, "models", "model.pt")):
-                        _run_bundle(CONFIGS["train"], root, overrides)
+                        run_bundle(CONFIGS["train"], root, overrides)
                     print(
                         f"{network} window {list(window)} seed {seed}: validation Dice every {val_interval} it "
                         f"{validation_curve(root)}",
@@ -90,8 +99,8 @@ def main(
                     if not test:
                         continue
                     if not os.path.isfile(os.path.join(root, "eval", "val_mean_dice_raw.csv")):
-                        _run_bundle(CONFIGS["evaluate"], root, overrides)
-                    cases = _mean_dice_per_case(os.path.join(root, "eval"))
+                        run_bundle(CONFIGS["evaluate"], root, overrides)
+                    cases = dice_per_case(os.path.join(root, "eval"))
                     rows += [(network, f"{window[0]},{window[1]}", n_iter, seed, c, d) for c, d in cases]
                     dice = [d for _, d in cases]
                     print(
@@ -101,7 +110,3 @@ def main(
                     )
     with open(os.path.join(output_dir, "sanity.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("network", "window", "iterations", "seed", "case", "dice"), *rows])
-
-
-if __name__ == "__main__":
-    fire.Fire(main)

@@ -19,56 +19,26 @@ iteration, seed, case, dice), ``probe_curve.md`` (mean ± sd) and ``probe_curve.
 from __future__ import annotations
 
 import csv
-import glob
-import math
 import os
 import statistics
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
-from pgl_bundle.compare import CONFIGS, PRESETS, _run_bundle, _write_datalist
 from pgl_bundle.data import load_datalist
-from pgl_bundle.handlers import _checkpoint_run
-from tqdm import tqdm
+from pgl_bundle.experiments.compare import PRESETS
+from pgl_bundle.experiments.runner import (
+    CONFIGS,
+    checkpoints_by_iteration,
+    pretrain,
+    run_all,
+    run_bundle,
+    write_datalist,
+)
 
-__all__ = ["checkpoints_by_iteration", "probe_curve"]
+__all__ = ["probe_curve"]
 
-PROBE_CONFIGS = ["configs/train.json", "configs/evaluate.json", "configs/probe.json"]
 METHODS = ("pgl", "byol")
 RANDOM = "random"
 RESULT = "val_mean_dice_raw.csv"  # per test case, in <probe>/eval/probe/
-
-
-def checkpoints_by_iteration(run_dir: str) -> dict[int, str]:
-    """The full training checkpoints in ``run_dir/models/checkpoints``, by the trainer iteration they hold."""
-    found = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "models", "checkpoints", "*.pt"))):
-        stored = _checkpoint_run(path)  # (iteration, run id), None for unreadable files
-        if stored is not None:
-            found.setdefault(stored[0], path)
-    return found
-
-
-def _pretrain(method: str, root: str, unlabelled_json: str, iterations: Sequence[int], overrides: dict) -> None:
-    """Pretrain ``method`` for ``max(iterations)`` iterations (rounded up to whole epochs) keeping a checkpoint at
-    every multiple of the iterations' greatest common divisor; resumes an interrupted run; skipped when finished."""
-    if os.path.isfile(os.path.join(root, "models", "pretrained_encoder.pt")):
-        return
-    volumes = min(len(load_datalist(unlabelled_json)), overrides.get("num_volumes") or math.inf)
-    # at least this many batches per epoch (fewer epochs would stop short of the last checkpoint)
-    epoch_length = volumes * overrides.get("volume_repeats", 1) // overrides["batch_size"]
-    if epoch_length < 1:
-        raise ValueError(f"{unlabelled_json}: {volumes} volumes, fewer than one batch of {overrides['batch_size']}.")
-    every = math.gcd(*[i for i in iterations if i > 0])
-    overrides = {
-        **overrides,
-        "dataset_dir": unlabelled_json,
-        "max_epochs": math.ceil(max(iterations) / epoch_length),
-        "checkpoint_every_n_iterations": every,
-        "iteration_checkpoints_kept": 0,  # all (an override to None would be dropped by monai.bundle run)
-        "resume_from": "latest",
-    }
-    _run_bundle(CONFIGS[method], root, overrides, run_id="training")
 
 
 def _dice_per_case(probe_dir: str, labelled_dir: str) -> list[tuple[str, float]]:
@@ -134,7 +104,7 @@ def probe_curve(
             )
         # the probes' datalist: the same training and test cases, without the others (each probe checks every file)
         split = os.path.join(output_dir, "labelled.json")
-        os.replace(_write_datalist(f"{split}.{os.getpid()}", items[:num_train_cases] + items[-num_test_cases:]), split)
+        write_datalist(split, items[:num_train_cases] + items[-num_test_cases:])
         common = {**settings["model"], "hu_window": list(hu_window), "num_workers": num_workers}
         runs = {"pgl": pgl_run, "byol": byol_run}
         checkpoints = {}
@@ -142,9 +112,16 @@ def probe_curve(
             if not runs[method]:
                 sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
                 images = [item for source in sources for item in load_datalist(source)]
-                unlabelled_json = _write_datalist(os.path.join(output_dir, "unlabelled.json"), images)
+                unlabelled_json = write_datalist(os.path.join(output_dir, "unlabelled.json"), images)
                 runs[method] = os.path.join(output_dir, "pretrain", method)
-                _pretrain(method, runs[method], unlabelled_json, iterations, {**common, **settings["pretrain"]})
+                pretrain(
+                    method,
+                    runs[method],
+                    unlabelled_json,
+                    [i for i in iterations if i > 0],
+                    {**common, **settings["pretrain"]},
+                    threads,
+                )
             checkpoints[method] = checkpoints_by_iteration(os.path.abspath(runs[method]))
             missing = [i for i in iterations if i > 0 and i not in checkpoints[method]]
             if missing:
@@ -169,10 +146,9 @@ def probe_curve(
             (method, iteration, seed), root = key, probes[key]
             if not os.path.isfile(os.path.join(root, "eval", "probe", RESULT)):
                 source = {"pretraining_checkpoint": checkpoints[method][iteration]} if iteration else {}
-                _run_bundle(PROBE_CONFIGS, root, {**probe, **source, "seed": seed}, threads=threads)
+                run_bundle(CONFIGS["probe"], root, {**probe, **source, "seed": seed}, threads=threads)
 
-        with ThreadPoolExecutor(max_workers=parallel or settings.get("parallel", 1)) as pool:
-            list(tqdm(pool.map(run_probe, probes), total=len(probes), desc="probe curve", unit="probe"))
+        run_all(run_probe, [(key,) for key in probes], parallel or settings.get("parallel", 1), "probe curve")
     done = {k: root for k, root in probes.items() if os.path.isfile(os.path.join(root, "eval", "probe", RESULT))}
     rows = [(*key, case, dice) for key, root in done.items() for case, dice in _dice_per_case(root, labelled_dir)]
     return _report(output_dir, rows, sorted(iterations), [os.path.basename(probes[k]) for k in probes if k not in done])

@@ -3,4 +3,4 @@ from .dual_path import Branch, DualPathNetwork
 from .encoder import PGLResNetEncoder, feature_center_offset
 from .heads import ConvProjectionHead, MLPProjectionHead
 from .probe import DenseProbe, DenseProbeHead, feature_grid
-from .segmentation import DecoderStage, PGLSegmentationNet
+from .segmentation import SLIDING_WINDOW, DecoderStage, PGLSegmentationNet

@@ -12,7 +12,7 @@ resampled trilinearly to the input grid and the maps' logits are summed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ __all__ = ["DenseProbe", "DenseProbeHead", "feature_grid"]
 
 
 def feature_grid(
-    input_size: Sequence[int], feature_size: Sequence[int], stride: Sequence[int], offset: Sequence[float]
+    input_size: list[int], feature_size: list[int], stride: list[int], offset: list[float]
 ) -> torch.Tensor:
     """The ``grid_sample`` grid that reads a strided feature map at the centre of every input voxel.
 
@@ -36,11 +36,11 @@ def feature_grid(
         ``(1, *input_size, 3)``, normalised for ``grid_sample(..., align_corners=True)`` (last axis: the
         feature map's last spatial axis first, as ``grid_sample`` wants).
     """
-    axes = []
+    axes: list[torch.Tensor] = []  # typed and indexed below: TorchScript scripts it inside the segmentation network
     for n_in, n_f, s, o in zip(input_size, feature_size, stride, offset):
         k = (torch.arange(n_in, dtype=torch.float32) + 0.5 - o) / s - 0.5
         axes.append(2 * k / (n_f - 1) - 1 if n_f > 1 else torch.zeros(n_in))
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*input_size, 3) in (x, y, z) order
+    grid = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)  # (*input_size, 3) in (x, y, z) order
     return grid.flip(-1).unsqueeze(0)
 
 
@@ -64,18 +64,20 @@ class DenseProbeHead(nn.Module):
         super().__init__()
         self.norms = nn.ModuleList(nn.BatchNorm3d(c, affine=False) for c in encoder.out_channels)
         self.classifiers = nn.ModuleList(nn.Conv3d(c, num_classes, kernel_size=1) for c in encoder.out_channels)
-        strides = encoder.stage_strides
-        self.strides = [tuple(int(s) for s in torch.tensor(strides[: i + 1]).prod(dim=0)) for i in range(len(strides))]
-        self.offsets = [feature_center_offset(strides[: i + 1]) for i in range(len(strides))]
+        strides = encoder.stage_strides  # plain Python, not tensors: the network may be built on the meta device
+        self.strides = [
+            [math.prod(s[axis] for s in strides[: i + 1]) for axis in range(3)] for i in range(len(strides))
+        ]
+        self.offsets = [list(feature_center_offset(strides[: i + 1])) for i in range(len(strides))]
 
-    def forward(self, features: Sequence[torch.Tensor], input_size: Sequence[int]) -> torch.Tensor:
-        logits = 0
-        maps = zip(features, self.norms, self.classifiers, self.strides, self.offsets)
-        for x, norm, classifier, stride, offset in maps:
-            y = classifier(norm(x))
-            grid = feature_grid(input_size, y.shape[2:], stride, offset).to(y.device, y.dtype)
-            grid = grid.expand(y.shape[0], *grid.shape[1:])
-            logits = logits + F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    def forward(self, features: list[torch.Tensor], input_size: list[int]) -> torch.Tensor:
+        logits = torch.zeros(0)
+        for i, (norm, classifier) in enumerate(zip(self.norms, self.classifiers)):
+            y = classifier(norm(features[i]))
+            grid = feature_grid(input_size, list(y.shape[2:]), self.strides[i], self.offsets[i]).to(y.device, y.dtype)
+            grid = grid.expand(y.shape[0], -1, -1, -1, -1)
+            y = F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            logits = y if i == 0 else logits + y
         return logits
 
 
@@ -108,4 +110,4 @@ class DenseProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = self.encoder(x)
-        return self.head(features, x.shape[2:])
+        return self.head(features, list(x.shape[2:]))

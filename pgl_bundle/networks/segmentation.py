@@ -1,4 +1,5 @@
-"""The downstream network: PGL's encoder, a light U-Net decoder with a skip from every encoder stage, a 1x1x1 head.
+"""The downstream network: PGL's encoder, a light U-Net decoder with a skip from every encoder stage, a 1x1x1 head,
+and beside the decoder the dense probe's linear read-out of the encoder's feature maps.
 
 Sizes and strides are ``(x, y, z)``, slice axis last (see :mod:`pgl_bundle.views`).
 """
@@ -10,9 +11,16 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock, UpSample
 from pgl_bundle.networks.encoder import PGLResNetEncoder
+from pgl_bundle.networks.probe import DenseProbeHead
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["DecoderStage", "PGLSegmentationNet"]
+__all__ = ["SLIDING_WINDOW", "DecoderStage", "PGLSegmentationNet"]
+
+# How every evaluation applies the network to a whole volume: validation during fine-tuning, configs/evaluate.json and
+# configs/inference.json read these (keys sw_roi_size, sw_overlap, sw_batch_size, sw_mode), so test Dice is measured
+# the way users get their masks. Chosen on validation cases: docs/benchmarks.md, "Sliding window".
+SLIDING_WINDOW = {"roi_size": [112, 112, 32], "overlap": 0.0, "sw_batch_size": 4, "mode": "gaussian"}
 
 
 class DecoderStage(nn.Module):
@@ -80,6 +88,19 @@ class PGLSegmentationNet(nn.Module):
             default: at full resolution they cost as much as the whole encoder (docs/benchmarks.md, section 7);
             like MONAI's ``UNet``, whose last level is a transposed convolution, the last stage then only upsamples
             and adds the image.
+        linear_head: add the dense probe's linear read-out of the encoder's maps to the logits, and start the
+            decoder's output convolution at zero (see above).
+
+    The linear head (``linear_head=True``) is :class:`~pgl_bundle.networks.DenseProbeHead`, the dense probe's
+    per-voxel linear classifier on all five feature maps; its logits are added to the decoder's. The decoder's
+    output convolution then starts at zero, so the untrained decoder adds nothing: the network starts as a linear
+    read-out of the encoder's features, and after training only the linear head (the encoder and decoder frozen)
+    it computes exactly what the dense probe computes with the same weights. Fine-tuning from there (linear probe,
+    then fine-tune: :mod:`pgl_bundle.finetuning`) starts from what the probe already reads out.
+
+    ``freeze_encoder_batchnorm``: when set (by :class:`pgl_bundle.finetuning.TransferHandler`), the encoder's
+    batch-norm layers stay in eval mode (running statistics unchanged) whatever ``train()`` is called with; MONAI's
+    ``SupervisedTrainer`` calls ``network.train()`` every iteration.
 
     Input ``(B, C, x, y, z)`` with sizes divisible by ``encoder.output_stride`` ((16, 16, 8) by default); output: logits
     ``(B, out_channels, x, y, z)``.
@@ -93,6 +114,7 @@ class PGLSegmentationNet(nn.Module):
         norm: str | tuple = "instance",
         dropout: float = 0.0,
         full_resolution_block: bool = False,
+        linear_head: bool = True,
     ) -> None:
         super().__init__()
         skip_channels = (encoder.conv1.in_channels, *encoder.out_channels[:-1])
@@ -111,6 +133,19 @@ class PGLSegmentationNet(nn.Module):
             for c_in, c_skip, c_out, scale, block in zip(in_channels, stage_skips, decoder_channels, scales, blocks)
         )
         self.head = UnetOutBlock(3, decoder_channels[-1], out_channels, dropout=dropout)
+        self.linear_head = DenseProbeHead(encoder, out_channels) if linear_head else None
+        if linear_head:
+            nn.init.zeros_(self.head.conv.conv.weight)
+            nn.init.zeros_(self.head.conv.conv.bias)
+        self.freeze_encoder_batchnorm = False
+
+    def train(self, mode: bool = True) -> PGLSegmentationNet:
+        super().train(mode)
+        if self.freeze_encoder_batchnorm:
+            for module in self.encoder.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
@@ -118,4 +153,7 @@ class PGLSegmentationNet(nn.Module):
         y = features[-1]
         for i, stage in enumerate(self.decoder):
             y = stage(y, skips[len(skips) - 1 - i])
-        return self.head(y)
+        logits = self.head(y)
+        if self.linear_head is not None:
+            logits = logits + self.linear_head(features, list(x.shape[2:]))
+        return logits

@@ -1,0 +1,136 @@
+"""The comparison's report: ``selection.csv``, ``results.csv``, ``results.md`` (one table: encoder x strategy x
+budget) and ``results.png`` (the label-budget curve), from the finished runs of :mod:`pgl_bundle.experiments.compare`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+from collections.abc import Callable
+
+from pgl_bundle.experiments.runner import dice_per_case
+from pgl_bundle.experiments.stats import paired_bootstrap
+
+__all__ = ["write_report"]
+
+TEST, PROBE = "eval", "eval_linear_probe"  # folders of a run's test of its model and of its linear probe
+
+
+def _scores(run_root: str, folder: str) -> dict[str, float]:
+    """Per test case, the Dice of one evaluation of a run; empty when it has not run."""
+    path = os.path.join(run_root, folder)
+    return dict(dice_per_case(path)) if os.path.isfile(os.path.join(path, "val_mean_dice_raw.csv")) else {}
+
+
+def _seeds_averaged(runs: list, scores: dict) -> dict[str, float]:
+    """Per test case scored by every run, the mean over the runs (seeds)."""
+    cases = set.intersection(*(set(scores[r]) for r in runs)) if runs else set()
+    return {c: statistics.fmean(scores[r][c] for r in runs) for c in sorted(cases)}
+
+
+def _interval(a: dict[str, float], b: dict[str, float]) -> str:
+    """Paired bootstrap of ``a - b`` over their common cases, as text; "" with fewer than 2."""
+    common = sorted(set(a) & set(b))
+    return str(paired_bootstrap([a[c] for c in common], [b[c] for c in common])) if len(common) > 1 else ""
+
+
+def write_report(
+    output_dir: str, selection: dict, curve: list, root: Callable, factors: dict, chosen: dict[str, str]
+) -> str:
+    """Write the report; return the path of ``results.md``.
+
+    Args:
+        output_dir: the comparison's folder.
+        selection: ``{Run: best validation Dice}`` of the selection runs.
+        curve: the label-budget curve's runs.
+        root: a run's folder.
+        factors, chosen: :func:`pgl_bundle.experiments.compare.select`'s result.
+    """
+    with open(os.path.join(output_dir, "selection.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["encoder", "strategy", "encoder_lr_scale", "budget", "seed", "best_val_mean_dice"])
+        writer.writerows((r.encoder, r.strategy, r.scale, r.budget, r.seed, v) for r, v in selection.items())
+    runs = list(dict.fromkeys([*curve, *selection]))
+    test = {r: _scores(root(r), TEST) for r in runs}
+    probe = {r: _scores(root(r), PROBE) for r in runs}
+    for r in runs:  # a run without a linear-probe phase: the probe of a run of the same encoder, budget and seed
+        key = (r.encoder, r.budget, r.seed)
+        probe[r] = probe[r] or next((probe[o] for o in runs if probe[o] and (o.encoder, o.budget, o.seed) == key), {})
+    runs = [r for r in runs if test[r]]
+    with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["encoder", "strategy", "encoder_lr_scale", "budget", "seed", "case", "dice", "probe_dice"])
+        for r in runs:
+            fields = (r.encoder, r.strategy, r.scale, r.budget, r.seed)
+            writer.writerows((*fields, case, dice, probe[r].get(case, "")) for case, dice in test[r].items())
+
+    cells: dict[tuple, list] = {}
+    for r in runs:
+        cells.setdefault((r.encoder, r.strategy, r.budget), []).append(r)
+    lines = [
+        "| encoder | strategy (encoder lr factor) | budget | seeds | test Dice | per seed | probe Dice "
+        "| fine-tuned - probe | vs random, same strategy | vs random, its selected strategy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (encoder, strategy, budget), mine in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
+        per_seed = [statistics.fmean(test[r].values()) for r in mine]
+        probed = [r for r in mine if probe[r]]
+        floor = ["", ""]
+        if probed:
+            floor = [
+                f"{statistics.fmean(statistics.fmean(probe[r].values()) for r in probed):.3f}",
+                _interval(_seeds_averaged(probed, test), _seeds_averaged(probed, probe)),
+            ]
+        versus = [
+            _interval(_seeds_averaged(mine, test), _seeds_averaged(cells.get(("random", other, budget), []), test))
+            if encoder != "random"
+            else ""
+            for other in (strategy, chosen.get("random"))
+        ]
+        mean = statistics.fmean(per_seed)
+        seeds = ", ".join(f"{v:.3f}" for v in per_seed)
+        row = [encoder, f"{strategy} (x{mine[0].scale:g})", budget, len(mine), f"{mean:.3f}", seeds, *floor, *versus]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    _plot(os.path.join(output_dir, "results.png"), [r for r in curve if test.get(r)], test)
+    chosen_text = "; ".join(f"{m}: {s} (x{factors[m, s]:g})" for m, s in chosen.items())
+    note = (
+        f"Selected on validation (first seed, selection budget; selection.csv): {chosen_text}. Test Dice: per-case "
+        "mean foreground Dice on the held-out cases through configs/evaluate.json (inference's sliding window), "
+        "averaged over cases, then over seeds (per seed: each seed's mean over cases). Probe Dice: the same run's "
+        "linear probe (frozen encoder, linear head: the end of its linear-probe phase), or that of a run of the same "
+        "encoder, budget and seed. Intervals: per test case, seeds averaged, paired 95 % percentile bootstrap over "
+        "cases (pgl_bundle.experiments.stats.paired_bootstrap) of fine-tuned - probe and of the difference to random."
+    )
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n\n" + note + "\n")
+    return os.path.join(output_dir, "results.md")
+
+
+def _plot(path: str, curve: list, test: dict) -> None:
+    """Mean test Dice against the label budget, one line per encoder and strategy; error bars: sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, dict[int, list[float]]] = {}
+    for r in curve:
+        lines.setdefault((r.encoder, r.strategy), {}).setdefault(r.budget, []).append(
+            statistics.fmean(test[r].values())
+        )
+    for (encoder, strategy), points in lines.items():
+        budgets = sorted(points)
+        means = [statistics.fmean(points[b]) for b in budgets]
+        spread = [statistics.stdev(points[b]) if len(points[b]) > 1 else 0.0 for b in budgets]
+        axis.errorbar(budgets, means, yerr=spread, marker="o", capsize=3, label=f"{encoder}, {strategy}")
+    axis.set_xscale("log")
+    axis.set_xticks(sorted({r.budget for r in curve}), [str(b) for b in sorted({r.budget for r in curve})])
+    axis.set_xlabel("labelled training cases")
+    axis.set_ylabel("mean test Dice (seeds averaged)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

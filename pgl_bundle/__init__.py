@@ -12,8 +12,8 @@ Where each concept of the paper lives:
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`; how the
   pretrained encoder is fine-tuned: :mod:`pgl_bundle.finetuning`
 - data and its checks: :mod:`pgl_bundle.data`; prepared once, memory-mapped: :mod:`pgl_bundle.data.prepared`
-- evaluation: the dense probe :mod:`pgl_bundle.networks.probe` and :mod:`pgl_bundle.probe_curve`; fine-tuning
-  comparison :mod:`pgl_bundle.compare`; paired bootstrap :mod:`pgl_bundle.stats`
+- evaluation: the dense probe :mod:`pgl_bundle.networks.probe`; the experiments (comparison across transfer
+  strategies and label budgets, probe curve, fine-tuning sanity bar, paired bootstrap): :mod:`pgl_bundle.experiments`
 - resume and multi-process runs: :mod:`pgl_bundle.handlers`, :mod:`pgl_bundle.distributed`
 - one run per output folder: :mod:`pgl_bundle.run_folder`; errors the user fixes: :mod:`pgl_bundle.errors`
 - publishing weights: :mod:`pgl_bundle.release`

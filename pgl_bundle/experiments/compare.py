@@ -16,11 +16,11 @@ interrupted comparison resumes where it stopped):
    transfer strategy (:data:`STRATEGIES`: keys of ``configs/train.json``) at every encoder learning-rate factor;
    per encoder, keep the strategy and factor with the best validation Dice (``selection.csv``); no test case is
    seen;
-3. the label-budget curve: every encoder, at every budget and seed, with its method's selected strategy (and the
+3. the label-budget curve: every encoder, at its budgets and every seed, with its method's selected strategy (and the
    ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection;
-4. test every run of step 3 (and of step 2) with ``configs/evaluate.json``, whose sliding window is inference's; a
-   run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out, the floor of its
-   fine-tuning);
+4. test every run of step 3 (with ``test_selection``, of step 2 too) with ``configs/evaluate.json``, whose sliding
+   window is inference's; a run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out,
+   the floor of its fine-tuning);
 5. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
    x strategy x budget, mean test Dice over seeds, paired bootstrap interval against random) and ``results.png``.
 """
@@ -145,6 +145,7 @@ def compare(
     strategies: Sequence[str] | None = None,
     encoder_lr_scales: Sequence[float] | None = None,
     also: Sequence[str] = (),
+    test_selection: bool = False,
     num_workers: int = 0,
     parallel: int = 0,
     report_only: bool = False,
@@ -162,6 +163,7 @@ def compare(
         strategies: the strategies the selection compares (names of :data:`STRATEGIES`).
         encoder_lr_scales: the encoder learning-rate factors the selection compares, for every strategy.
         also: strategies run on the whole curve besides each method's selected one (at their selected factor).
+        test_selection: also test the selection runs that are not on the curve.
         num_workers: data loader workers of every stage (unless the preset sets them).
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
         report_only: run nothing; write the report from the finished runs.
@@ -269,8 +271,9 @@ def compare(
     factors, chosen = select(scores)
     curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds)
     if not report_only:
-        run_all(fine_tune, [(r,) for r in curve if r not in scores], parallel, "curve")
-        run_all(test, [(r,) for r in dict.fromkeys([*curve, *selection_runs])], parallel, "test")
+        # each run tested as soon as it is trained, seed by seed: a comparison stopped early has whole seeds
+        tested = sorted(dict.fromkeys([*curve, *(selection_runs if test_selection else [])]), key=lambda r: r.seed)
+        run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")
     return write_report(output_dir, scores, curve, root, factors, chosen)

@@ -88,10 +88,11 @@ PRESETS: dict[str, dict] = {
         },
         "strategies": list(STRATEGIES),
         "encoder_lr_scales": [0.1, 0.3, 1.0],
-        "strategy_lr_scales": {"lp-ft-frozen-bn": [1.0], "lp-ft-layer-decay": [1.0]},  # variants of LP-FT: one each
+        # the factor is swept for joint fine-tuning and LP-FT; the other strategies are tried at 1.0
+        "strategy_lr_scales": {"decoder-first": [1.0], "lp-ft-frozen-bn": [1.0], "lp-ft-layer-decay": [1.0]},
         "selection": {"budget": 5, "encoders": ["random", "pgl375"]},
         "budgets": [1, 2, 5, 10],
-        "encoder_budgets": {"pgl1000": [2, 5], "byol375": [2, 5]},
+        "encoder_budgets": {"pgl1000": [5], "byol375": [5]},
         "seeds": [0, 1, 2],
         "num_val_cases": 5,
         "num_test_cases": 15,

@@ -103,8 +103,28 @@ def write_report(
         "cases (pgl_bundle.experiments.stats.paired_bootstrap) of fine-tuned - probe and of the difference to random."
     )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n\n" + note + "\n")
+        f.write("\n".join(lines) + "\n\n" + note + "\n\n" + _selection_table(selection, chosen, factors) + "\n")
     return os.path.join(output_dir, "results.md")
+
+
+def _selection_table(selection: dict, chosen: dict[str, str], factors: dict) -> str:
+    """Best validation Dice of each selection run: strategy rows, encoder x factor columns; the chosen in bold."""
+    columns = sorted({(r.encoder, r.scale) for r in selection}, key=lambda c: (c[0] != "random", c))
+    strategies = list(dict.fromkeys(r.strategy for r in selection))
+    by_key = {(r.strategy, r.encoder, r.scale): v for r, v in selection.items()}
+    lines = [
+        "| strategy | " + " | ".join(f"{e} x{s:g}" for e, s in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for strategy in strategies:
+        cells = []
+        for encoder, scale in columns:
+            value = by_key.get((strategy, encoder, scale))
+            method = encoder.rstrip("0123456789")
+            best = chosen.get(method) == strategy and factors.get((method, strategy)) == scale
+            cells.append("" if value is None else f"**{value:.3f}**" if best else f"{value:.3f}")
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "Selection: best validation Dice (first seed, selection budget).\n\n" + "\n".join(lines)
 
 
 def _plot(path: str, curve: list, test: dict) -> None:

@@ -20,7 +20,7 @@ __all__ = ["SLIDING_WINDOW", "DecoderStage", "PGLSegmentationNet"]
 # How every evaluation applies the network to a whole volume: validation during fine-tuning, configs/evaluate.json and
 # configs/inference.json read these (keys sw_roi_size, sw_overlap, sw_batch_size, sw_mode), so test Dice is measured
 # the way users get their masks. Chosen on validation cases: docs/benchmarks.md, "Sliding window".
-SLIDING_WINDOW = {"roi_size": [112, 112, 32], "overlap": 0.0, "sw_batch_size": 4, "mode": "gaussian"}
+SLIDING_WINDOW = {"roi_size": [112, 112, 32], "overlap": 0.25, "sw_batch_size": 4, "mode": "gaussian"}
 
 
 class DecoderStage(nn.Module):

@@ -188,7 +188,11 @@ def test_fine_tuning_does_not_replace_a_model_unless_continued_or_asked(repo_roo
     }
     handlers = ConfigParser.load_config_file(str(repo_root / "configs" / "train.json"))["train"]["handlers"]
     assert run_folder(**{"train#handlers": [loader, *handlers]}).resume_path == loader["load_path"]
-    assert run_folder(overwrite=True).to_move == [str(tmp_path / "models" / "model.pt")]
+    # the earlier run's TensorBoard curves go aside with its model: the new run's do not mix with them
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "events.out.tfevents.1.host").write_bytes(b"earlier curves")
+    moved = sorted(run_folder(overwrite=True).to_move)
+    assert moved == [str(tmp_path / "eval" / "events.out.tfevents.1.host"), str(tmp_path / "models" / "model.pt")]
     assert (tmp_path / "models" / "model.pt").read_bytes() == b"an earlier model"  # moved only when training starts
 
 

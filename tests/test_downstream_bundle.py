@@ -391,7 +391,7 @@ def test_validation_evaluation_and_inference_share_one_sliding_window(repo_root)
         parser = ConfigParser()
         parser.read_config([config(repo_root, c) for c in configs])
         inferer = parser.get_parsed_content(key)
-        inferers[name] = (list(inferer.roi_size), inferer.overlap, inferer.sw_batch_size, inferer.mode)
+        inferers[name] = [list(inferer.roi_size), inferer.overlap, inferer.sw_batch_size, inferer.mode]
     expected = list(SLIDING_WINDOW.values())
     assert inferers == {"validation": expected, "evaluation": expected, "inference": expected}
 

@@ -60,11 +60,22 @@ def test_wrong_number_of_decoder_channels_is_refused():
         PGLSegmentationNet(PGLResNetEncoder(**SMALL_ENCODER), 2, decoder_channels=(32, 16, 8))
 
 
-def test_gradients_reach_encoder_decoder_and_head():
+@pytest.mark.parametrize("linear_head", [True, False])
+def test_gradients_reach_every_part(linear_head):
+    """With the linear head the decoder's output starts at zero: at the first step only the output convolution of the
+    decoder gets a gradient; after one step, all of it does."""
     torch.manual_seed(0)
-    net = small_net()
-    net(torch.rand(2, 1, 32, 32, 8)).square().mean().backward()
-    for name, module in (("encoder", net.encoder), ("decoder", net.decoder), ("head", net.head)):
+    net = PGLSegmentationNet(PGLResNetEncoder(**SMALL_ENCODER), 3, SMALL_DECODER, linear_head=linear_head)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        net(torch.rand(2, 1, 32, 32, 8)).square().mean().backward()
+        optimizer.step()
+    parts = {"encoder": net.encoder, "decoder": net.decoder, "head": net.head, "linear head": net.linear_head}
+    for name, module in parts.items():
+        if module is None:
+            assert not linear_head and name == "linear head"
+            continue
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads), name
         assert any(g.abs().sum() > 0 for g in grads), name

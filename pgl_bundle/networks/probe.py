@@ -36,10 +36,12 @@ def feature_grid(
         ``(1, *input_size, 3)``, normalised for ``grid_sample(..., align_corners=True)`` (last axis: the
         feature map's last spatial axis first, as ``grid_sample`` wants).
     """
-    axes: list[torch.Tensor] = []  # typed and indexed below: TorchScript scripts it inside the segmentation network
+    # no Python branch on the sizes: TorchScript scripts this inside the segmentation network, and a trace of it
+    # stays valid for other input sizes (a map of size 1 reads its one value wherever the grid points)
+    axes: list[torch.Tensor] = []
     for n_in, n_f, s, o in zip(input_size, feature_size, stride, offset):
         k = (torch.arange(n_in, dtype=torch.float32) + 0.5 - o) / s - 0.5
-        axes.append(2 * k / (n_f - 1) - 1 if n_f > 1 else torch.zeros(n_in))
+        axes.append(2 * k / torch.tensor(n_f - 1).clamp(min=1) - 1)
     grid = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)  # (*input_size, 3) in (x, y, z) order
     return grid.flip(-1).unsqueeze(0)
 
@@ -74,7 +76,7 @@ class DenseProbeHead(nn.Module):
         logits = torch.zeros(0)
         for i, (norm, classifier) in enumerate(zip(self.norms, self.classifiers)):
             y = classifier(norm(features[i]))
-            grid = feature_grid(input_size, list(y.shape[2:]), self.strides[i], self.offsets[i]).to(y.device, y.dtype)
+            grid = feature_grid(input_size, y.shape[2:], self.strides[i], self.offsets[i]).to(y.device, y.dtype)
             grid = grid.expand(y.shape[0], -1, -1, -1, -1)
             y = F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=True)
             logits = y if i == 0 else logits + y
@@ -110,4 +112,4 @@ class DenseProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = self.encoder(x)
-        return self.head(features, list(x.shape[2:]))
+        return self.head(features, x.shape[2:])

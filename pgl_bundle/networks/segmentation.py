@@ -155,5 +155,5 @@ class PGLSegmentationNet(nn.Module):
             y = stage(y, skips[len(skips) - 1 - i])
         logits = self.head(y)
         if self.linear_head is not None:
-            logits = logits + self.linear_head(features, list(x.shape[2:]))
+            logits = logits + self.linear_head(features, x.shape[2:])
         return logits

@@ -252,11 +252,12 @@ def compare(
                 timings[f"{run.slug}/{folder}"] = time.time() - start
 
     selection = settings["selection"]
+    only = selection.get("strategies", {})  # per encoder, the strategies it is tried with (default: all)
     selection_runs = [
         Run(encoder, strategy, scale, selection["budget"], seeds[0])
         for encoder in selection["encoders"]
         for strategy in strategy_names
-        if not (encoder == "random" and strategy in PRETRAINED_ONLY)
+        if not (encoder == "random" and strategy in PRETRAINED_ONLY) and strategy in only.get(encoder, strategy_names)
         for scale in settings.get("strategy_lr_scales", {}).get(strategy, scales)
     ]
     if not report_only:
@@ -271,8 +272,10 @@ def compare(
     factors, chosen = select(scores)
     curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds)
     if not report_only:
-        # each run tested as soon as it is trained, seed by seed: a comparison stopped early has whole seeds
-        tested = sorted(dict.fromkeys([*curve, *(selection_runs if test_selection else [])]), key=lambda r: r.seed)
+        # each run tested as soon as it is trained; the selection's encoders first, seed by seed: a comparison stopped
+        # early has whole seeds of its main arms
+        runs = dict.fromkeys([*curve, *(selection_runs if test_selection else [])])
+        tested = sorted(runs, key=lambda r: (r.encoder not in selection["encoders"], r.seed))
         run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")

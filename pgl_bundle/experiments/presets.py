@@ -90,7 +90,8 @@ PRESETS: dict[str, dict] = {
         "encoder_lr_scales": [0.1, 0.3, 1.0],
         # the factor is swept for joint fine-tuning and LP-FT; the other strategies are tried at 1.0
         "strategy_lr_scales": {"decoder-first": [1.0], "lp-ft-frozen-bn": [1.0], "lp-ft-layer-decay": [1.0]},
-        "selection": {"budget": 5, "encoders": ["random", "pgl375"]},
+        # the random encoder is tried with joint fine-tuning and LP-FT only (the other strategies: PGL's encoder)
+        "selection": {"budget": 5, "encoders": ["random", "pgl375"], "strategies": {"random": ["joint", "lp-ft"]}},
         "budgets": [1, 2, 5, 10],
         "encoder_budgets": {"pgl1000": [5], "byol375": [5]},
         "seeds": [0, 1, 2],

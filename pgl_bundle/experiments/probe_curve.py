@@ -81,8 +81,8 @@ def probe_curve(
         probe_iterations: training iterations of each probe (batches of 2 volumes x 2 label-balanced crops).
         patch_size: the probe's training crops and test windows.
         hu_window: intensity window of the probes and of any pretraining here; use the pretraining runs' window.
-        preset: the :data:`pgl_bundle.experiments.presets.PRESETS` entry whose encoder (and pretraining settings) to use; the
-            encoder must be the pretraining runs' one.
+        preset: the :data:`pgl_bundle.experiments.presets.PRESETS` entry whose encoder (and pretraining settings) to
+            use; the encoder must be the pretraining runs' one.
         label_names: class names of the labelled data, background first.
         num_workers: data loader workers of every stage.
         parallel: probes run at once (several small runs fill one GPU); 0: the preset's (1 unless it says otherwise).

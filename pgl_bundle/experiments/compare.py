@@ -260,6 +260,17 @@ def compare(
         if not (encoder == "random" and strategy in PRETRAINED_ONLY) and strategy in only.get(encoder, strategy_names)
         for scale in settings.get("strategy_lr_scales", {}).get(strategy, scales)
     ]
+    # paired runs first: the strategies every encoder tries, each factor's encoders side by side, so a selection
+    # stopped early compares encoders on equal terms
+    tried_by = {s: sum(r.strategy == s for r in selection_runs) for s in strategy_names}
+    selection_runs.sort(
+        key=lambda r: (
+            -tried_by[r.strategy],
+            strategy_names.index(r.strategy),
+            -r.scale,
+            selection["encoders"].index(r.encoder),
+        )
+    )
     if not report_only:
         sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
         kept = pretraining_volumes(sources, items, num_val + num_test)

@@ -130,13 +130,14 @@ def test_unknown_strategy_is_refused(shared_data, tmp_path):
         compare(str(shared_data / "sts"), output_dir=str(tmp_path), preset="tiny", strategies=["lp"])
 
 
-def test_byol_config_properties(repo_root):
+def test_byol_config_properties(repo_root, tmp_path):
     configs = [str(repo_root / "configs" / c) for c in ("pretrain.json", "pretrain_byol.json")]
     workflow = ConfigWorkflow(
         config_file=configs,
         workflow_type="train",
         meta_file=str(repo_root / "configs" / "metadata.json"),
         logging_file=str(repo_root / "configs" / "logging.conf"),
+        bundle_root=str(tmp_path),  # not the repository's models/, which may hold the quick start's run
     )
     workflow.initialize()
     assert not workflow.check_properties()

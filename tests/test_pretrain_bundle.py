@@ -107,12 +107,14 @@ def test_plain_run_resumes_from_checkpoint(pretrained, repo_root, shared_data, t
 
 
 @pytest.mark.parametrize("config", ["configs/pretrain.json"])
-def test_check_properties(repo_root, config):
+def test_check_properties(repo_root, config, tmp_path):
+    """In a folder of its own: the repository's models/ may hold the quick start's run, which a new run refuses."""
     workflow = ConfigWorkflow(
         config_file=str(repo_root / config),
         workflow_type="train",
         meta_file=str(repo_root / "configs" / "metadata.json"),
         logging_file=str(repo_root / "configs" / "logging.conf"),
+        bundle_root=str(tmp_path),
     )
     workflow.initialize()
     assert not workflow.check_properties()

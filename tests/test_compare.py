@@ -39,7 +39,7 @@ def test_outputs_have_one_row_per_run_and_test_case_with_the_probe(tiny_comparis
     assert len(rows) == 2 * settings["num_test_cases"]
     assert {r["encoder"] for r in rows} == {"random", "pgl1"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["probe_dice"]) <= 1.0 for r in rows)
-    # the cases are the dataset's last ones, tested through evaluate.json with inference's sliding window
+    # the cases are the dataset's last ones, tested through evaluate.json
     assert {os.path.basename(os.path.dirname(r["case"])) for r in rows} == {"STS_029", "STS_030"}
     run = output_dir / "finetune" / "pgl1_lp-ft_x1_n2_seed0"
     log = (run / "log.txt").read_text()

@@ -341,8 +341,8 @@ def test_monai_label_train_task_flow(round_trip, repo_root, shared_data, tmp_pat
 def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
     """Learning sanity: the whole loop (sampling, loss, optimiser, sliding-window validation) fits one STS case.
 
-    Seeded; 4 mm in-plane so that a 48 x 48 x 16 patch holds most of the tumour and its context, which makes 150
-    CPU iterations of the small network enough to reach a Dice of 0.8 on the case it trains on (0.9 after 100).
+    Seeded; 4 mm in-plane so that a 48 x 48 x 16 patch holds most of the tumour and its context, which makes 100
+    CPU iterations of the small network enough to reach a Dice of 0.8 on the case it trains on (0.905 measured).
     Validated with windows of the patch: at 4 mm the volume (62 x 62 x 47) is narrower than the default window, which
     would pad it with half a window of constant intensity.
     """
@@ -356,8 +356,8 @@ def test_fine_tuning_learns_one_case(repo_root, shared_data, tmp_path):
         sw_overlap=0.25,
         batch_size=1,
         num_samples=4,
-        num_iterations=150,
-        val_interval=150,
+        num_iterations=100,
+        val_interval=100,
         seed=0,
         **{"train#dataset#data": case, "validate#dataset#data": case},
     )

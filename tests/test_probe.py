@@ -106,7 +106,7 @@ def tiny_curve(shared_data, tmp_path_factory):
         num_test_cases=1,
         probe_iterations=2,
         preset="tiny",
-        parallel=2,  # the three probes two at a time, as on a GPU
+        parallel=3,  # the three probes at once, as on a GPU
     )
     return output_dir, table
 

@@ -55,6 +55,7 @@ PRESETS: dict[str, dict] = {
             "warmup_iterations": 1,
             "learning_rate": 1e-3,
             "decoder_channels": [32, 16, 16, 8, 8],
+            "sw_overlap": 0.0,  # a third of the default window's sliding-window steps: seconds per validation
         },
         "strategies": ["lp-ft"],
         "encoder_lr_scales": [1.0],

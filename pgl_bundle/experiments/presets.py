@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
             "warmup_iterations": 1,
             "learning_rate": 1e-3,
             "decoder_channels": [32, 16, 16, 8, 8],
-            "sw_overlap": 0.0,  # a third of the default window's sliding-window steps: seconds per validation
+            "sw_overlap": 0.0,  # about 40 % of the default overlap's windows: seconds per validation and test
         },
         "strategies": ["lp-ft"],
         "encoder_lr_scales": [1.0],

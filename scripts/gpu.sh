@@ -14,7 +14,7 @@
 #            dense probes of the pretrained encoders at iteration 0 and the last, `python -m pgl_bundle probe_curve`;
 #            the script fails at the end if the PGL run has fewer than PRETRAIN_ITERATIONS iterations. OUT_DIR/:
 #            compare/ (compare's tables, CSV and plot), probe_curve.md/.csv, runs_logs.tar.gz (every stage's log,
-#            no weights); the runs themselves (checkpoints of 1.1 GB) in WORK, where a rerun resumes them.
+#            no weights); the runs themselves (checkpoints of 1.1 GB) in RUNS_DIR, where a rerun resumes them.
 # Everything printed goes to OUT_DIR/gpu.log too.
 #
 # Environment (all optional):
@@ -27,14 +27,14 @@
 #   SPEED_REAL_SECONDS  the real run's length (default 150)
 #   PRESET           compare's and probe_curve's preset (default gpu-10min)
 #   PRETRAIN_ITERATIONS  the PGL pretraining run must reach this many iterations (default 1000; 0: no check)
-#   COMPARE_OPTIONS  >>> extra options of `python -m pgl_bundle compare`, word-split, unquoted (e.g.
-#                    `--seeds [0,1,2] --strategies [joint]`): pretraining and fine-tuning lengths, strategies <<<
+#   COMPARE_OPTIONS  extra options of `python -m pgl_bundle compare`, word-split, unquoted (e.g.
+#                    `--seeds [0,1,2] --strategies [joint]`): pretraining and fine-tuning lengths, strategies
 #   PROBE_OPTIONS    extra options of `python -m pgl_bundle probe_curve`, word-split
-#   WORK             the runs (default ${TMPDIR:-/tmp}/pgl_gpu)
+#   RUNS_DIR         the runs (default ${TMPDIR:-/tmp}/pgl_gpu)
 #   SMOKE=1          a CPU smoke test of every step: the tiny table, the tiny preset, short probes, no iteration
 #                    check; no CUDA needed, nothing measured
 set -euo pipefail
-OUT=${1:?usage: bash scripts/gpu.sh OUT_DIR}
+OUT_DIR=${1:?usage: bash scripts/gpu.sh OUT_DIR}
 DATA=${PGL_DATA_DIR:-../shared/data}
 STEPS=${STEPS:-speed compare}
 SMOKE=${SMOKE:-0}
@@ -43,14 +43,14 @@ PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-$([ "$SMOKE" = 1 ] && echo 0 || echo 
 COMPARE_OPTIONS=${COMPARE_OPTIONS:-}
 SMOKE_PROBES="--seeds [0] --num_train_cases 2 --num_test_cases 1 --probe_iterations 2 --patch_size [64,64,16]"
 PROBE_OPTIONS=${PROBE_OPTIONS:-$([ "$SMOKE" != 1 ] || echo "$SMOKE_PROBES")}
-WORK=${WORK:-${TMPDIR:-/tmp}/pgl_gpu}
+RUNS_DIR=${RUNS_DIR:-${TMPDIR:-/tmp}/pgl_gpu}
 for step in $STEPS; do
     [[ "$step" == speed || "$step" == compare ]] || { echo "STEPS: unknown step '$step' (speed, compare)" >&2; exit 1; }
 done
 [ -d "$DATA" ] || { echo "$DATA: no such folder (set PGL_DATA_DIR to the CT folder)" >&2; exit 1; }
-mkdir -p "$OUT" "$WORK"
-OUT=$(cd "$OUT" && pwd) WORK=$(cd "$WORK" && pwd) DATA=$(cd "$DATA" && pwd)
-exec > >(tee -a "$OUT/gpu.log") 2>&1
+mkdir -p "$OUT_DIR" "$RUNS_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd) RUNS_DIR=$(cd "$RUNS_DIR" && pwd) DATA=$(cd "$DATA" && pwd)
+exec > >(tee -a "$OUT_DIR/gpu.log") 2>&1
 START=$(date +%s)
 stamp() { echo "[$(date -u '+%F %T') UTC, $(($(date +%s) - START)) s] $*"; }
 
@@ -74,41 +74,41 @@ stamp "set-up done"
 if [[ " $STEPS " == *" speed "* ]]; then
     SPEED=(--budget "${SPEED_BUDGET:-900}" --real_seconds "${SPEED_REAL_SECONDS:-150}")
     [ "$SMOKE" = 1 ] && SPEED=(--budget "${SPEED_BUDGET:-900}" --real_seconds 60 --tiny --slowdown 4)
-    python scripts/benchmark_pretrain.py table --out "$OUT/speed" --data "$DATA/unlabeled" "${SPEED[@]}"
-    stamp "speed table done: $OUT/speed/speed.md"
+    python scripts/benchmark_pretrain.py table --out "$OUT_DIR/speed" --data "$DATA/unlabeled" "${SPEED[@]}"
+    stamp "speed table done: $OUT_DIR/speed/speed.md"
 fi
 
 if [[ " $STEPS " == *" compare "* ]]; then
     UNLABELLED="['$DATA/sts','$DATA/unlabeled','$DATA/abdomen/example_ct.nii.gz']"
     stamp "compare: preset $PRESET, options: ${COMPARE_OPTIONS:-none}"
     # shellcheck disable=SC2086  # COMPARE_OPTIONS and PROBE_OPTIONS are word-split on purpose
-    python -m pgl_bundle compare --labelled "$DATA/sts" --unlabelled "$UNLABELLED" --output_dir "$WORK/compare" \
+    python -m pgl_bundle compare --labelled "$DATA/sts" --unlabelled "$UNLABELLED" --output_dir "$RUNS_DIR/compare" \
         --preset "$PRESET" $COMPARE_OPTIONS
     stamp "compare done"
-    mkdir -p "$OUT/compare"
-    find "$WORK/compare" -maxdepth 1 \( -name '*.md' -o -name '*.csv' -o -name '*.png' \) -exec cp {} "$OUT/compare/" \;
+    mkdir -p "$OUT_DIR/compare"
+    find "$RUNS_DIR/compare" -maxdepth 1 \( -name '*.md' -o -name '*.csv' -o -name '*.png' \) -exec cp {} "$OUT_DIR/compare/" \;
 
     # the pretraining runs compare wrote (one per method), the iteration their last checkpoint holds
     run_of() {
         local encoder
-        encoder=$(find "$WORK/compare" -regex ".*/$1[^/]*/models/pretrained_encoder.pt" | sort | tail -1)
+        encoder=$(find "$RUNS_DIR/compare" -regex ".*/$1[^/]*/models/pretrained_encoder.pt" | sort | tail -1)
         [ -z "$encoder" ] || dirname "$(dirname "$encoder")"
     }
     PGL_RUN=$(run_of pgl)
     BYOL_RUN=$(run_of byol)
-    [ -n "$PGL_RUN" ] || { echo "$WORK/compare: no PGL pretraining run (models/pretrained_encoder.pt)" >&2; exit 1; }
+    [ -n "$PGL_RUN" ] || { echo "$RUNS_DIR/compare: no PGL pretraining run (models/pretrained_encoder.pt)" >&2; exit 1; }
     LAST=$(python -c "import glob, sys, torch
 paths = glob.glob(sys.argv[1] + '/models/checkpoints/*.pt')
 print(max(torch.load(p, map_location='cpu', mmap=True, weights_only=False)['trainer']['iteration'] for p in paths))
 " "$PGL_RUN")
     stamp "PGL pretraining: $LAST iterations ($PGL_RUN)"
     # shellcheck disable=SC2086
-    python -m pgl_bundle probe_curve --labelled "$DATA/sts" --output_dir "$WORK/probes" --preset "$PRESET" \
+    python -m pgl_bundle probe_curve --labelled "$DATA/sts" --output_dir "$RUNS_DIR/probes" --preset "$PRESET" \
         --pgl_run "$PGL_RUN" ${BYOL_RUN:+--byol_run "$BYOL_RUN"} --iterations "[0,$LAST]" $PROBE_OPTIONS
-    for f in probe_curve.md probe_curve.csv; do cp "$WORK/probes/$f" "$OUT/$f"; done
-    (cd "$WORK" && find compare probes \( -name log.txt -o -name '*.json' -o -name '*.csv' -o -name '*.md' \) |
-        tar -czf "$OUT/runs_logs.tar.gz" -T -)
-    cat "$OUT/compare/results.md" "$OUT/probe_curve.md"
+    for f in probe_curve.md probe_curve.csv; do cp "$RUNS_DIR/probes/$f" "$OUT_DIR/$f"; done
+    (cd "$RUNS_DIR" && find compare probes \( -name log.txt -o -name '*.json' -o -name '*.csv' -o -name '*.md' \) |
+        tar -czf "$OUT_DIR/runs_logs.tar.gz" -T -)
+    cat "$OUT_DIR/compare/results.md" "$OUT_DIR/probe_curve.md"
     stamp "compare and probes done"
     if [ "$LAST" -lt "$PRETRAIN_ITERATIONS" ]; then
         echo "$PGL_RUN: $LAST pretraining iterations, fewer than PRETRAIN_ITERATIONS=$PRETRAIN_ITERATIONS: the" \

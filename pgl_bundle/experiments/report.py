@@ -112,6 +112,7 @@ def _selection_table(selection: dict, chosen: dict[str, str], factors: dict) -> 
     columns = sorted({(r.encoder, r.scale) for r in selection}, key=lambda c: (c[0] != "random", c))
     strategies = list(dict.fromkeys(r.strategy for r in selection))
     by_key = {(r.strategy, r.encoder, r.scale): v for r, v in selection.items()}
+    methods = {r.encoder: r.method for r in selection}
     lines = [
         "| strategy | " + " | ".join(f"{e} x{s:g}" for e, s in columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -120,7 +121,7 @@ def _selection_table(selection: dict, chosen: dict[str, str], factors: dict) -> 
         cells = []
         for encoder, scale in columns:
             value = by_key.get((strategy, encoder, scale))
-            method = encoder.rstrip("0123456789")
+            method = methods[encoder]
             best = chosen.get(method) == strategy and factors.get((method, strategy)) == scale
             cells.append("" if value is None else f"**{value:.3f}**" if best else f"{value:.3f}")
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")

@@ -12,6 +12,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from pgl_bundle.experiments.compare import Run, compare, curve_runs, pretraining_volumes, select
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
+from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import best_validation_dice
 
 
@@ -148,3 +149,19 @@ def test_a_training_without_validation_is_an_error_naming_its_log(tmp_path):
     (tmp_path / "log.txt").write_text("Epoch: 1/1, Iter: 1/1 -- train_loss: 1.0\n")
     with pytest.raises(RuntimeError, match=re.escape(f"{tmp_path}/log.txt: the training logged no validation")):
         best_validation_dice(str(tmp_path))
+
+
+def test_report_compares_an_arm_with_the_same_seeds_of_random(tmp_path):
+    cases = [f"case{i}" for i in range(6)]
+    dice = {("random", 0): 0.30, ("random", 1): 0.90, ("pgl375", 0): 0.40}  # random's seed 1 far above
+    runs = [Run(encoder, "joint", 1.0, 5, seed) for encoder, seed in dice]
+    for run in runs:
+        folder = tmp_path / run.slug / "eval"
+        folder.mkdir(parents=True)
+        rows = [f"{case},{dice[run.encoder, run.seed] + 0.01 * i}" for i, case in enumerate(cases)]
+        (folder / "val_mean_dice_raw.csv").write_text("filename,mean\n" + "\n".join(rows) + "\n")
+    factors, chosen = {("random", "joint"): 1.0, ("pgl", "joint"): 1.0}, {"random": "joint", "pgl": "joint"}
+    results = write_report(str(tmp_path), {}, runs, lambda run: str(tmp_path / run.slug), factors, chosen)
+    row = next(line for line in open(results) if line.startswith("| pgl375 "))
+    # pgl375 seed 0 - random seed 0 = +0.100 on every case; with random's seed 1 averaged in it would be -0.200
+    assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] |")

@@ -35,6 +35,14 @@ def _interval(a: dict[str, float], b: dict[str, float]) -> str:
     return str(paired_bootstrap([a[c] for c in common], [b[c] for c in common])) if len(common) > 1 else ""
 
 
+def _versus_random(mine: list, randoms: list, test: dict) -> str:
+    """Paired bootstrap of ``mine - randoms`` on the seeds both have, as text; "" without one. A seed fixes the crops
+    drawn and the new layers' initialisation, so an arm stopped after fewer seeds is compared with the same seeds."""
+    seeds = {r.seed for r in mine} & {r.seed for r in randoms}
+    paired = [[r for r in runs if r.seed in seeds] for runs in (mine, randoms)]
+    return _interval(*(_seeds_averaged(runs, test) for runs in paired)) if seeds else ""
+
+
 def write_report(
     output_dir: str, selection: dict, curve: list, root: Callable, factors: dict, chosen: dict[str, str]
 ) -> str:
@@ -83,9 +91,7 @@ def write_report(
                 _interval(_seeds_averaged(probed, test), _seeds_averaged(probed, probe)),
             ]
         versus = [
-            _interval(_seeds_averaged(mine, test), _seeds_averaged(cells.get(("random", other, budget), []), test))
-            if encoder != "random"
-            else ""
+            _versus_random(mine, cells.get(("random", other, budget), []), test) if encoder != "random" else ""
             for other in (strategy, chosen.get("random"))
         ]
         mean = statistics.fmean(per_seed)
@@ -100,7 +106,8 @@ def write_report(
         "averaged over cases, then over seeds (per seed: each seed's mean over cases). Probe Dice: the same run's "
         "linear probe (frozen encoder, linear head: the end of its linear-probe phase), or that of a run of the same "
         "encoder, budget and seed. Intervals: per test case, seeds averaged, paired 95 % percentile bootstrap over "
-        "cases (pgl_bundle.experiments.stats.paired_bootstrap) of fine-tuned - probe and of the difference to random."
+        "cases (pgl_bundle.experiments.stats.paired_bootstrap) of fine-tuned - probe and of the difference to random "
+        "(on the seeds both have)."
     )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n\n" + note + "\n\n" + _selection_table(selection, chosen, factors) + "\n")

@@ -155,6 +155,7 @@ def _plot(path: str, curve: list, test: dict) -> None:
         axis.errorbar(budgets, means, yerr=spread, marker="o", capsize=3, label=f"{encoder}, {strategy}")
     axis.set_xscale("log")
     axis.set_xticks(sorted({r.budget for r in curve}), [str(b) for b in sorted({r.budget for r in curve})])
+    axis.minorticks_off()  # the log axis's minor labels (2 x 10^0, ...) would sit between the budgets
     axis.set_xlabel("labelled training cases")
     axis.set_ylabel("mean test Dice (seeds averaged)")
     axis.legend(fontsize=7)

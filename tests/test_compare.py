@@ -7,10 +7,11 @@ import csv
 import json
 import os
 import re
+import sys
 
 import pytest
 from monai.bundle import ConfigWorkflow
-from pgl_bundle.experiments.compare import Run, compare, curve_runs, pretraining_volumes, select
+from pgl_bundle.experiments.compare import Run, compare, curve_runs, pretraining_volumes, probe_runs, select
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
 from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import best_validation_dice
@@ -161,7 +162,54 @@ def test_report_compares_an_arm_with_the_same_seeds_of_random(tmp_path):
         rows = [f"{case},{dice[run.encoder, run.seed] + 0.01 * i}" for i, case in enumerate(cases)]
         (folder / "val_mean_dice_raw.csv").write_text("filename,mean\n" + "\n".join(rows) + "\n")
     factors, chosen = {("random", "joint"): 1.0, ("pgl", "joint"): 1.0}, {"random": "joint", "pgl": "joint"}
-    results = write_report(str(tmp_path), {}, runs, lambda run: str(tmp_path / run.slug), factors, chosen)
+    results = write_report(str(tmp_path), {}, runs, [], lambda run: str(tmp_path / run.slug), factors, chosen)
     row = next(line for line in open(results) if line.startswith("| pgl375 "))
     # pgl375 seed 0 - random seed 0 = +0.100 on every case; with random's seed 1 averaged in it would be -0.200
     assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] |")
+
+
+def _write_test(folder, dice: float, cases=("case0", "case1", "case2")):
+    folder.mkdir(parents=True)
+    rows = [f"{case},{dice + 0.01 * i}" for i, case in enumerate(cases)]
+    (folder / "val_mean_dice_raw.csv").write_text("filename,mean\n" + "\n".join(rows) + "\n")
+
+
+def test_an_encoder_without_a_probe_phase_gets_an_lp_ft_run_whose_probe_the_table_shows(tmp_path):
+    factors = {("random", "lp-ft"): 1.0, ("pgl", "joint"): 1.0, ("pgl", "lp-ft"): 0.3}
+    chosen = {"random": "lp-ft", "pgl": "joint"}
+    curve = curve_runs(["random", "pgl1000", "byol375"], chosen, factors, [], [1, 5], {"byol375": [5]}, [0, 1])
+    probes = probe_runs(curve, factors, seed=0)
+    # random's LP-FT runs have their own probe; PGL's and BYOL's joint runs get one LP-FT run per budget
+    assert probes == [
+        Run("pgl1000", "lp-ft", 0.3, 1, 0),
+        Run("pgl1000", "lp-ft", 0.3, 5, 0),
+        Run("byol375", "lp-ft", 0.3, 5, 0),
+    ]
+    for run in [r for r in curve if r.encoder == "pgl1000" and r.budget == 5]:
+        _write_test(tmp_path / run.slug / "eval", 0.40)
+    _write_test(tmp_path / probes[1].slug / "eval", 0.38)
+    _write_test(tmp_path / probes[1].slug / "eval_linear_probe", 0.30)
+    results = write_report(str(tmp_path), {}, curve, probes, lambda run: str(tmp_path / run.slug), factors, chosen)
+    row = next(line for line in open(results) if line.startswith("| pgl1000 | joint"))
+    # probe Dice 0.310 (mean of 0.30, 0.31, 0.32); fine-tuned - probe +0.100 on every case
+    assert "| 0.310 | +0.100 [+0.100, +0.100] |" in row
+    assert any(line.startswith("| pgl1000 | lp-ft (x0.3) | 5 | 1 | 0.390 |") for line in open(results))
+
+
+def test_the_comparison_runs_and_pretrains_only_the_encoders_asked_for(shared_data, tmp_path, monkeypatch):
+    stages = {}
+
+    def record(function, jobs, parallel, desc):  # the stages' jobs, none of them run
+        stages[desc] = [job[0] for job in jobs]
+        return [0.5] * len(jobs)
+
+    monkeypatch.setattr(sys.modules["pgl_bundle.experiments.compare"], "run_all", record)
+    kwargs = {"labelled": str(shared_data / "sts"), "output_dir": str(tmp_path), "preset": "cpu"}
+    compare(encoders=["random", "pgl1000"], **kwargs)
+    assert stages["pretrain"] == ["pgl"]  # BYOL's encoder is not asked for
+    assert {r.encoder for r in stages["curve"]} == {"random", "pgl1000"}
+    # every score ties: joint is selected for both methods; their probes (LP-FT, seed 0, one per budget) come last
+    strategies = [r.strategy for r in stages["curve"]]
+    assert strategies == ["joint"] * (4 * 3 + 3) + ["lp-ft"] * (4 + 1)
+    with pytest.raises(ValueError, match=r"unknown encoders \['pgl500'\]"):
+        compare(encoders=["random", "pgl500"], **kwargs)

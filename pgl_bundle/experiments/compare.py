@@ -16,8 +16,10 @@ interrupted comparison resumes where it stopped):
    transfer strategy (:data:`STRATEGIES`: keys of ``configs/train.json``) at every encoder learning-rate factor;
    per encoder, keep the strategy and factor with the best validation Dice (``selection.csv``); no test case is
    seen;
-3. the label-budget curve: every encoder, at its budgets and every seed, with its method's selected strategy (and the
-   ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection;
+3. the label-budget curve: every encoder (or those of ``encoders``), at its budgets and every seed, with its method's
+   selected strategy (and the ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection; where
+   an encoder's strategies have no linear-probe phase, one LP-FT run per budget (first seed) gives it a probe
+   (:func:`probe_runs`);
 4. test every run of step 3 (with ``test_selection``, of step 2 too) with ``configs/evaluate.json``, whose sliding
    window is inference's; a run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out,
    the floor of its fine-tuning);
@@ -48,7 +50,7 @@ from pgl_bundle.experiments.runner import (
 )
 from pgl_bundle.transfer import PLAN_DEFAULTS
 
-__all__ = ["Run", "compare", "curve_runs", "pretraining_volumes", "select"]
+__all__ = ["Run", "compare", "curve_runs", "pretraining_volumes", "probe_runs", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def curve_runs(
     ``also`` strategies, each at its selected factor, at its budgets (``encoder_budgets``, else ``budgets``)."""
     runs = []
     for encoder in encoders:
-        method = "pgl" if encoder.startswith("byol") else _method(encoder)
+        method = _selecting_method(encoder)
         names = [chosen[method], *also] if method in chosen else []
         for strategy in dict.fromkeys(s for s in names if (method, s) in factors):
             for budget in encoder_budgets.get(encoder, budgets):
@@ -130,8 +132,26 @@ def curve_runs(
     return list(dict.fromkeys(runs))
 
 
+def probe_runs(curve: Sequence[Run], factors: dict[tuple[str, str], float], seed: int) -> list[Run]:
+    """The floor's runs: for every encoder and budget of ``curve`` without a run that has a linear-probe phase, one
+    ``lp-ft`` run (``seed``, its method's selected LP-FT factor), whose linear probe the report sets beside the
+    encoder's fine-tuned runs. None where LP-FT was not among the selection's strategies."""
+    probed = {(r.encoder, r.budget) for r in curve if STRATEGIES[r.strategy].get("linear_probe_iterations")}
+    runs = []
+    for encoder, budget in dict.fromkeys((r.encoder, r.budget) for r in curve):
+        factor = factors.get((_selecting_method(encoder), "lp-ft"))
+        if (encoder, budget) not in probed and factor is not None:
+            runs.append(Run(encoder, "lp-ft", factor, budget, seed))
+    return runs
+
+
 def _method(encoder: str) -> str:
     return encoder.rstrip("0123456789")
+
+
+def _selecting_method(encoder: str) -> str:
+    """The method whose selection an encoder's curve runs take: its own, PGL's for a BYOL encoder."""
+    return "pgl" if encoder.startswith("byol") else _method(encoder)
 
 
 def compare(
@@ -145,6 +165,7 @@ def compare(
     strategies: Sequence[str] | None = None,
     encoder_lr_scales: Sequence[float] | None = None,
     also: Sequence[str] = (),
+    encoders: Sequence[str] | None = None,
     test_selection: bool = False,
     num_workers: int = 0,
     parallel: int = 0,
@@ -163,6 +184,8 @@ def compare(
         strategies: the strategies the selection compares (names of :data:`STRATEGIES`).
         encoder_lr_scales: the encoder learning-rate factors the selection compares, for every strategy.
         also: strategies run on the whole curve besides each method's selected one (at their selected factor).
+        encoders: the curve's encoders (e.g. ``['random', 'pgl375']``); default: random and every encoder of the
+            preset. A method none of whose encoders is used (here or in the selection) is not pretrained.
         test_selection: also test the selection runs that are not on the curve.
         num_workers: data loader workers of every stage (unless the preset sets them).
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
@@ -192,7 +215,10 @@ def compare(
         "num_test_cases": num_test,
         "label_names": list(label_names),
     }
-    encoders = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
+    known = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
+    encoders = list(encoders or known)
+    if [e for e in encoders if e not in known]:
+        raise ValueError(f"unknown encoders {[e for e in encoders if e not in known]}; preset {preset!r} has {known}.")
     timings: dict[str, float] = {}
 
     def encoder_file(encoder: str) -> str:
@@ -252,6 +278,7 @@ def compare(
                 timings[f"{run.slug}/{folder}"] = time.time() - start
 
     selection = settings["selection"]
+    used = {_method(e) for e in [*encoders, *selection["encoders"]]}
     only = selection.get("strategies", {})  # per encoder, the strategies it is tried with (default: all)
     selection_runs = [
         Run(encoder, strategy, scale, selection["budget"], seeds[0])
@@ -276,18 +303,19 @@ def compare(
         kept = pretraining_volumes(sources, items, num_val + num_test)
         unlabelled_json = write_datalist(os.path.join(output_dir, "unlabelled.json"), kept)
         schedule = sorted({i for iterations in settings["encoders"].values() for i in iterations})
-        run_all(pretrain_stage, [(m,) for m in settings["encoders"]], parallel, "pretrain")
+        run_all(pretrain_stage, [(m,) for m in settings["encoders"] if m in used], parallel, "pretrain")
         scores = dict(zip(selection_runs, run_all(fine_tune, [(r,) for r in selection_runs], parallel, "selection")))
     else:
         scores = {r: fine_tune(r) for r in selection_runs if os.path.isfile(os.path.join(root(r), "validation.json"))}
     factors, chosen = select(scores)
     curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds)
+    probes = probe_runs(curve, factors, seeds[0])
     if not report_only:
-        # each run tested as soon as it is trained; the selection's encoders first, seed by seed: a comparison stopped
-        # early has whole seeds of its main arms
-        runs = dict.fromkeys([*curve, *(selection_runs if test_selection else [])])
-        tested = sorted(runs, key=lambda r: (r.encoder not in selection["encoders"], r.seed))
+        # each run tested as soon as it is trained; the selection's encoders first, seed by seed, the probes last: a
+        # comparison stopped early has whole seeds of its main arms
+        runs = dict.fromkeys([*curve, *probes, *(selection_runs if test_selection else [])])
+        tested = sorted(runs, key=lambda r: (r in probes, r.encoder not in selection["encoders"], r.seed))
         run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")
-    return write_report(output_dir, scores, curve, root, factors, chosen)
+    return write_report(output_dir, scores, curve, probes, root, factors, chosen)

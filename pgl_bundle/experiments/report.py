@@ -44,7 +44,7 @@ def _versus_random(mine: list, randoms: list, test: dict) -> str:
 
 
 def write_report(
-    output_dir: str, selection: dict, curve: list, root: Callable, factors: dict, chosen: dict[str, str]
+    output_dir: str, selection: dict, curve: list, probes: list, root: Callable, factors: dict, chosen: dict[str, str]
 ) -> str:
     """Write the report; return the path of ``results.md``.
 
@@ -52,6 +52,7 @@ def write_report(
         output_dir: the comparison's folder.
         selection: ``{Run: best validation Dice}`` of the selection runs.
         curve: the label-budget curve's runs.
+        probes: the runs that give the curve's encoders their probes (in the table, not on the plot).
         root: a run's folder.
         factors, chosen: :func:`pgl_bundle.experiments.compare.select`'s result.
     """
@@ -59,7 +60,7 @@ def write_report(
         writer = csv.writer(f)
         writer.writerow(["encoder", "strategy", "encoder_lr_scale", "budget", "seed", "best_val_mean_dice"])
         writer.writerows((r.encoder, r.strategy, r.scale, r.budget, r.seed, v) for r, v in selection.items())
-    runs = list(dict.fromkeys([*curve, *selection]))
+    runs = list(dict.fromkeys([*curve, *probes, *selection]))
     test = {r: _scores(root(r), TEST) for r in runs}
     probe = {r: _scores(root(r), PROBE) for r in runs}
     for r in runs:  # a run without a linear-probe phase: the probe of a run of the same encoder, budget and seed

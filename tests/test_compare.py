@@ -1,5 +1,6 @@
-"""The comparison command end to end on the tiny preset, its selection on validation, the label-budget curve's runs,
-the pretraining set without validation and test images, the BYOL config's properties."""
+"""The comparison command end to end on the tiny preset, its selection on validation, the label-budget curve's runs
+and their probes, the encoders asked for, the pretraining set without validation and test images, the BYOL config's
+properties."""
 
 from __future__ import annotations
 
@@ -152,26 +153,24 @@ def test_a_training_without_validation_is_an_error_naming_its_log(tmp_path):
         best_validation_dice(str(tmp_path))
 
 
+def _write_test(folder, dice: float, cases=("case0", "case1", "case2")):
+    """A run's test result as evaluate.json writes it: case ``i`` scores ``dice + 0.01 i``."""
+    folder.mkdir(parents=True)
+    rows = [f"{case},{dice + 0.01 * i}" for i, case in enumerate(cases)]
+    (folder / "val_mean_dice_raw.csv").write_text("filename,mean\n" + "\n".join(rows) + "\n")
+
+
 def test_report_compares_an_arm_with_the_same_seeds_of_random(tmp_path):
     cases = [f"case{i}" for i in range(6)]
     dice = {("random", 0): 0.30, ("random", 1): 0.90, ("pgl375", 0): 0.40}  # random's seed 1 far above
     runs = [Run(encoder, "joint", 1.0, 5, seed) for encoder, seed in dice]
     for run in runs:
-        folder = tmp_path / run.slug / "eval"
-        folder.mkdir(parents=True)
-        rows = [f"{case},{dice[run.encoder, run.seed] + 0.01 * i}" for i, case in enumerate(cases)]
-        (folder / "val_mean_dice_raw.csv").write_text("filename,mean\n" + "\n".join(rows) + "\n")
+        _write_test(tmp_path / run.slug / "eval", dice[run.encoder, run.seed], cases)
     factors, chosen = {("random", "joint"): 1.0, ("pgl", "joint"): 1.0}, {"random": "joint", "pgl": "joint"}
     results = write_report(str(tmp_path), {}, runs, [], lambda run: str(tmp_path / run.slug), factors, chosen)
     row = next(line for line in open(results) if line.startswith("| pgl375 "))
     # pgl375 seed 0 - random seed 0 = +0.100 on every case; with random's seed 1 averaged in it would be -0.200
     assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] |")
-
-
-def _write_test(folder, dice: float, cases=("case0", "case1", "case2")):
-    folder.mkdir(parents=True)
-    rows = [f"{case},{dice + 0.01 * i}" for i, case in enumerate(cases)]
-    (folder / "val_mean_dice_raw.csv").write_text("filename,mean\n" + "\n".join(rows) + "\n")
 
 
 def test_an_encoder_without_a_probe_phase_gets_an_lp_ft_run_whose_probe_the_table_shows(tmp_path):

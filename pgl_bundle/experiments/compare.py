@@ -217,8 +217,9 @@ def compare(
     }
     known = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
     encoders = list(encoders or known)
-    if [e for e in encoders if e not in known]:
-        raise ValueError(f"unknown encoders {[e for e in encoders if e not in known]}; preset {preset!r} has {known}.")
+    unknown = [e for e in encoders if e not in known]
+    if unknown:
+        raise ValueError(f"unknown encoders {unknown}; preset {preset!r} has {known}.")
     timings: dict[str, float] = {}
 
     def encoder_file(encoder: str) -> str:

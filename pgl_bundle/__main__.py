@@ -6,6 +6,8 @@ Commands:
     probe_curve  dense-probe Dice against pretraining iterations (:func:`pgl_bundle.experiments.probe_curve`)
     finetune_sanity  the fine-tuning recipe's sanity bar: the bundle's network against a plain MONAI UNet
                (:func:`pgl_bundle.experiments.finetune_sanity`)
+    datasets   convert a public CT data set into NIfTI and a dataset.json (``datasets openkbp``:
+               :func:`pgl_bundle.datasets.convert_openkbp`)
     prepare    preprocess a CT set once for pretraining (:func:`pgl_bundle.data.prepare`; also configs/prepare.json)
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
     show_views  draw PGL's two views of a few volumes, their boxes and the aligner's overlap
@@ -19,6 +21,7 @@ import logging
 
 import fire
 from pgl_bundle.data import make_synthetic_dataset, prepare
+from pgl_bundle.datasets import DATASETS
 from pgl_bundle.errors import report_user_errors_last
 from pgl_bundle.experiments import compare, finetune_sanity, probe_curve
 from pgl_bundle.release import pack, write_large_files
@@ -30,6 +33,7 @@ if __name__ == "__main__":
     fire.Fire(
         {
             "compare": compare,
+            "datasets": DATASETS,
             "prepare": prepare,
             "probe_curve": probe_curve,
             "finetune_sanity": finetune_sanity,

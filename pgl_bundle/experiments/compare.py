@@ -159,7 +159,7 @@ def compare(
     unlabelled: Sequence[str] = (),
     output_dir: str = "runs/compare",
     preset: str = "cpu",
-    label_names: Sequence[str] = ("background", "tumour"),
+    label_names: Sequence[str] | None = None,
     budgets: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
     strategies: Sequence[str] | None = None,
@@ -170,6 +170,7 @@ def compare(
     num_workers: int = 0,
     parallel: int = 0,
     report_only: bool = False,
+    stop_after: str = "",
 ) -> str:
     """Run the comparison; return the path of ``results.md``. The arguments override the preset's values.
 
@@ -179,7 +180,8 @@ def compare(
             labelled data's images. Validation and test images among them are left out (by their real path).
         output_dir: where every stage writes; rerunning skips finished stages.
         preset: ``tiny``, ``cpu``, ``gpu-10min`` or ``paper`` (see :data:`PRESETS`).
-        label_names: class names of the labelled data, background first.
+        label_names: class names of the labelled data, background first; default: the preset's, else
+            ``["background", "tumour"]``.
         budgets, seeds: the label budgets and seeds of the curve.
         strategies: the strategies the selection compares (names of :data:`STRATEGIES`).
         encoder_lr_scales: the encoder learning-rate factors the selection compares, for every strategy.
@@ -190,6 +192,7 @@ def compare(
         num_workers: data loader workers of every stage (unless the preset sets them).
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
         report_only: run nothing; write the report from the finished runs.
+        stop_after: ``"pretrain"``: stop once the encoders are written (return ""), e.g. to look at them first.
     """
     settings = PRESETS[preset]
     budgets, seeds = list(budgets or settings["budgets"]), list(seeds or settings["seeds"])
@@ -213,7 +216,7 @@ def compare(
         "dataset_dir": labelled,
         "num_val_cases": num_val,
         "num_test_cases": num_test,
-        "label_names": list(label_names),
+        "label_names": list(label_names or settings.get("label_names", ["background", "tumour"])),
     }
     known = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
     encoders = list(encoders or known)
@@ -305,6 +308,8 @@ def compare(
         unlabelled_json = write_datalist(os.path.join(output_dir, "unlabelled.json"), kept)
         schedule = sorted({i for iterations in settings["encoders"].values() for i in iterations})
         run_all(pretrain_stage, [(m,) for m in settings["encoders"] if m in used], parallel, "pretrain")
+        if stop_after == "pretrain":
+            return ""
         scores = dict(zip(selection_runs, run_all(fine_tune, [(r,) for r in selection_runs], parallel, "selection")))
     else:
         scores = {r: fine_tune(r) for r in selection_runs if os.path.isfile(os.path.join(root(r), "validation.json"))}

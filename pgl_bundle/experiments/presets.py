@@ -101,6 +101,39 @@ PRESETS: dict[str, dict] = {
         "parallel": 2,  # two stages at a time, one thread each: one per core
         "threads_per_stage": 1,
     },
+    # OpenKBP head-and-neck organs (`python -m pgl_bundle datasets openkbp`), 2 CPU cores: the cpu preset's model
+    # and fine-tuning recipe, pretrained on about 160 CTs; every arm fine-tuned with the same recipe at every budget
+    "openkbp": {
+        "model": _CPU_MODEL,
+        "pretrain": {
+            "patch_size": [64, 64, 16],
+            "hidden_channels": 1024,
+            "batch_size": 4,
+            "learning_rate": 0.001,
+        },
+        # the encoder's iteration is chosen among these by the dense probe on the validation patients
+        "encoders": {"pgl": [500, 1000, 1500, 2000], "byol": [500, 1000, 1500, 2000]},
+        "finetune": {
+            "patch_size": [64, 64, 32],
+            "batch_size": 2,
+            "num_samples": 2,
+            "num_iterations": 300,
+            "val_interval": 100,
+            "warmup_iterations": 20,
+            "learning_rate": 3e-4,
+            "flip_axes": [1, 2],  # no left-right mirroring: it would turn a left parotid into a right one
+        },
+        "label_names": ["background", "brainstem", "spinal_cord", "left_parotid", "right_parotid", "mandible"],
+        "strategies": ["joint", "lp-ft"],
+        "encoder_lr_scales": [0.1, 1.0],
+        "selection": {"budget": 5, "encoders": ["random", "pgl", "byol"]},
+        "budgets": [5, 20, 2, 10],
+        "seeds": [0, 1, 2],
+        "num_val_cases": 10,
+        "num_test_cases": 50,
+        "parallel": 2,
+        "threads_per_stage": 1,
+    },
     # one H100/H200, about 10 minutes: ResNet-50 at the paper's pretraining patch
     "gpu-10min": {
         "model": _RESNET50,

@@ -55,11 +55,13 @@ def sts(shared_data):
 
 def test_missing_file(tmp_path):
     missing = str(tmp_path / "nope.nii.gz")
-    assert f"{missing}: does not exist" in problems([{"image": missing}])
     datalist = tmp_path / "dataset.json"
     datalist.write_text(json.dumps({"training": [{"image": "nope.nii.gz"}]}))
     with pytest.raises(FileNotFoundError, match="nope.nii.gz: listed as 'image'"):
         load_datalist(str(datalist))
+    # as the configs read a dataset.json (the files checked with the others): the same nearest-folder hint
+    items = load_datalist(str(datalist), must_exist=False)
+    assert f"{missing}: does not exist; {tmp_path} holds dataset.json" in problems(items)
 
 
 def test_corrupt_and_truncated_nifti(tmp_path, sts):
@@ -68,6 +70,7 @@ def test_corrupt_and_truncated_nifti(tmp_path, sts):
     corrupt.write_bytes(os.urandom(4096))
     message = problems([{"image": truncated}, {"image": str(corrupt)}])
     assert message.startswith("2 of 2 datalist items cannot be used")
+    assert message.splitlines()[-1].startswith(f"First bad file: {truncated}: cannot be read: corrupt")
     assert f"{truncated}: cannot be read: corrupt, truncated or not an image (EOFError" in message
     assert f"{corrupt}: cannot be read" in message
 
@@ -91,11 +94,16 @@ def test_volume_smaller_than_the_crop(tmp_path):
     ) in message
 
 
-def test_nan_and_infinite_voxels(tmp_path):
+def test_nan_and_infinite_voxels(tmp_path, caplog):
+    """Reported as such, not as values that do not look like Hounsfield units (``nan..nan``)."""
     volume = np.zeros((40, 40, 20), np.float32)
     volume[1, 2, 3], volume[4, 5, 6] = np.nan, np.inf
     path = nifti(tmp_path / "nan.nii.gz", volume)
-    assert f"{path}: has 2 NaN or infinite voxel(s)" in problems([{"image": path}])
+    with caplog.at_level(logging.WARNING):
+        message = problems([{"image": path}], require_hu=True)
+        assert message.splitlines()[1:2] == [f"  {path}: has 2 NaN or infinite voxel(s)"]
+        assert problems([{"image": path}]).splitlines()[1:2] == [f"  {path}: has 2 NaN or infinite voxel(s)"]
+    assert "Hounsfield" not in message + caplog.text
 
 
 def test_label_outside_the_declared_classes(tmp_path, sts):
@@ -206,12 +214,13 @@ def pretrain(repo_root, bundle_root, data, **overrides) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def folder_with_a_broken_file(tmp_path_factory, shared_data):
-    """Four small synthetic CTs and a truncated copy of a real one, in one folder."""
+    """Four small synthetic CTs, a truncated copy of a real one and a 2D file, in one folder."""
     root = tmp_path_factory.mktemp("hostile")
     make_synthetic_dataset(str(root / "synthetic"), 4, shape=(64, 64, 24))
     folder = root / "ct"
     shutil.copytree(root / "synthetic" / "imagesTr", folder)
     broken = truncated_copy(shared_data / "unlabeled" / "lung_pet_ct_dx.nii.gz", folder / "broken.nii.gz")
+    nifti(folder / "flat.nii.gz", np.zeros((64, 64), np.int16))  # 2D: checked before the space estimate
     return folder, broken
 
 
@@ -224,14 +233,15 @@ def test_pretraining_stops_before_training_and_keeps_earlier_outputs(repo_root, 
     earlier.write_bytes(b"weights of an earlier run")
     result = pretrain(repo_root, tmp_path, folder, overwrite=True)
     assert result.returncode != 0
-    assert "BadInputError: 1 of 5 datalist items cannot be used:" in result.stderr
-    assert f"{broken}: cannot be read: corrupt, truncated or not an image" in result.stderr
-    tail = result.stderr.strip().splitlines()[-3:]
-    assert tail[0] == "ERROR: BadInputError: 1 of 5 datalist items cannot be used:", tail
-    assert tail[1].startswith(f"  {broken}: cannot be read"), tail
+    flat = folder / "flat.nii.gz"
+    tail = result.stderr.strip().splitlines()[-5:]
+    assert tail[0] == "ERROR: BadInputError: 2 of 6 datalist items cannot be used:", tail
+    assert tail[1].startswith(f"  {broken}: cannot be read: corrupt, truncated or not an image"), tail
+    assert tail[2] == f"  {flat}: is a 2D image (shape (64, 64)), a 3D volume is expected", tail
     assert (
-        tail[-1] == "Fix or remove them, or leave them out with --skip_bad_volumes True (in Python: skip_bad=True)."
+        tail[3] == "Fix or remove them, or leave them out with --skip_bad_volumes True (in Python: skip_bad=True)."
     ), tail
+    assert tail[4].startswith(f"First bad file: {broken}: cannot be read"), tail  # the last line names a file
     assert "Traceback" not in result.stderr  # the message alone; PGL_DEBUG=1 adds the traceback
     assert "train_loss" not in result.stdout + result.stderr
     assert earlier.read_bytes() == b"weights of an earlier run"
@@ -243,7 +253,8 @@ def test_pretraining_skips_the_broken_file_on_request(repo_root, tmp_path, folde
     result = pretrain(repo_root, tmp_path, folder, skip_bad_volumes=True)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
-    assert f"leaving out 1 of 5 datalist items:\n  {broken}: cannot be read" in log
+    assert f"leaving out 2 of 6 datalist items:\n  {broken}: cannot be read" in log
+    assert f"{folder / 'flat.nii.gz'}: is a 2D image" in log
     assert log.count("train_loss:") == 4
     # resuming with another architecture is refused, naming the checkpoint
     checkpoint = tmp_path / "models" / "checkpoints" / "checkpoint_final.pt"

@@ -169,7 +169,8 @@ def test_the_space_needed_is_estimated_from_headers_and_checked_first(prepared, 
     with pytest.raises(DiskSpaceError) as error:
         prepare(str(sources), str(target), WINDOW, min_size=PAD)
     assert str(error.value).startswith(
-        f"disk full: preparing 3 volumes into {target} needs about {round((need + (1 << 20)) / 1e6)} MB (int16 arrays, "
+        f"not enough free disk space: preparing 3 volumes into {target} needs about "
+        f"{round((need + (1 << 20)) / 1e6)} MB (int16 arrays, "
         f"estimated from the sources' headers), and its disk ({tmp_path}) has {round(need / 2e6)} MB free."
     )
     assert not target.exists()  # stopped before reading any volume; nothing made
@@ -378,3 +379,40 @@ def test_prepare_warns_about_volumes_that_are_not_hounsfield_units(shared_data, 
         prepare(str(sources), str(tmp_path / "prepared"), WINDOW, min_size=PAD, skip_bad=False, require_hu=True)
     assert expected in str(error.value)
     assert len(prepare(str(sources), str(tmp_path / "prepared"), WINDOW, min_size=PAD, require_hu=True)) == 1
+
+
+def small_volume(path, array) -> str:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), str(path))
+    return str(path)
+
+
+def test_a_2d_file_is_checked_before_the_space_estimate_and_skipped_on_request(tmp_path, caplog):
+    """A 2D file among the sources is reported as 2D (not a failed estimate), and left out with skip_bad."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    small_volume(sources / "ct.nii.gz", np.full((40, 40, 20), -1000, np.int16))
+    flat = small_volume(sources / "flat.nii.gz", np.zeros((40, 40), np.int16))
+    settings = {"min_size": (32, 32, 16), "min_image_size": None}
+    with pytest.raises(BadInputError) as error:
+        prepare(str(sources), str(tmp_path / "refused"), WINDOW, skip_bad=False, **settings)
+    first = f"First bad file: {flat}: is a 2D image (shape (40, 40)), a 3D volume is expected"
+    assert str(error.value).splitlines()[-1] == first
+    with caplog.at_level(logging.WARNING):
+        items = prepare(str(sources), str(tmp_path / "prepared"), WINDOW, skip_bad=True, **settings)
+    assert [os.path.basename(i["image"]).split("_")[0] for i in items] == ["ct"]
+    assert f"leaving out 1 of 2 datalist items:\n  {flat}: is a 2D image" in caplog.text
+
+
+def test_a_volume_refused_by_require_hu_is_not_prepared(tmp_path):
+    """require_hu refuses an MR-like volume before its array is written; without it, it is prepared (and used)."""
+    sources, folder = tmp_path / "sources", tmp_path / "prepared"
+    sources.mkdir()
+    small_volume(sources / "ct.nii.gz", np.full((40, 40, 20), -1000, np.int16))
+    small_volume(sources / "mr.nii.gz", np.full((40, 40, 20), 300, np.int16))
+    settings = {"min_size": (32, 32, 16), "min_image_size": None}
+    assert len(prepare(str(sources), str(folder), WINDOW, require_hu=True, **settings)) == 1
+    assert [name.split("_")[0] for name in sorted(os.listdir(folder)) if name.endswith(".npy")] == ["ct"]
+    assert len(prepare(str(sources), str(folder), WINDOW, **settings)) == 2
+    assert [name.split("_")[0] for name in sorted(os.listdir(folder)) if name.endswith(".npy")] == ["ct", "mr"]

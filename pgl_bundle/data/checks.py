@@ -25,11 +25,19 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, Orientation
 from pgl_bundle.data.datalist import dicom_series
-from pgl_bundle.errors import BadInputError, require_file
+from pgl_bundle.errors import BadInputError, found_instead, require_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["check_checkpoint", "check_datalist", "check_epoch_length", "check_hounsfield", "check_image", "check_label"]
+__all__ = [
+    "bad_items_error",
+    "check_checkpoint",
+    "check_datalist",
+    "check_epoch_length",
+    "check_hounsfield",
+    "check_image",
+    "check_label",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ def _load(path: str) -> MetaTensor:
 
 def _read(path: str) -> tuple[MetaTensor | None, list[str]]:
     if not os.path.exists(path):
-        return None, ["does not exist"]
+        return None, [f"does not exist; {found_instead(path)}"]
     if os.path.isdir(path):
         series = dicom_series(path)
         if len(series) > 1:
@@ -149,8 +157,9 @@ def _check_item(
     report = [f"{item[image_key]}: {p}" for p in problems]
     warnings, geometry = [], None
     if image is not None:
-        report += [f"{item[image_key]}: {p}" for p in check_image(image, **image_checks)]
-        not_hu = check_hounsfield(image) if image.ndim == 4 else ""
+        image_problems = check_image(image, **image_checks)
+        report += [f"{item[image_key]}: {p}" for p in image_problems]
+        not_hu = "" if image_problems else check_hounsfield(image)  # NaN, 2D...: the value range would mislead
         warnings += [f"{item[image_key]}: {not_hu}"] if not_hu else []
         geometry = (tuple(image.shape[1:]), tuple(affine_to_spacing(image.affine, r=3).tolist()))
     if label_key is not None:
@@ -168,6 +177,16 @@ def _summary(geometries: Sequence[tuple]) -> str:
         f"shape from {tuple(int(v) for v in shapes.min(0))} to {tuple(int(v) for v in shapes.max(0))} voxels, "
         f"spacing from {tuple(round(float(v), 2) for v in spacings.min(0))} to "
         f"{tuple(round(float(v), 2) for v in spacings.max(0))} mm"
+    )
+
+
+def bad_items_error(problems: Sequence[str], bad: int, total: int) -> BadInputError:
+    """The error for ``bad`` of ``total`` unusable datalist items: every ``"<file>: <problem>"`` line, the ways on,
+    and last the first bad file again (the line a reader of the log's end sees)."""
+    listing = "\n  ".join(problems)
+    return BadInputError(
+        f"{bad} of {total} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave them out with "
+        f"--skip_bad_volumes True (in Python: skip_bad=True).\nFirst bad file: {problems[0]}"
     )
 
 
@@ -229,10 +248,7 @@ def check_datalist(
         listing = "\n  ".join(problems)
         bad = len(datalist) - len(good)
         if not skip_bad:
-            raise BadInputError(
-                f"{bad} of {len(datalist)} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave "
-                "them out with --skip_bad_volumes True (in Python: skip_bad=True)."
-            )
+            raise bad_items_error(problems, bad, len(datalist))
         logger.warning(f"leaving out {bad} of {len(datalist)} datalist items:\n  {listing}")
     if not good:
         raise BadInputError(f"no usable item in a datalist of {len(datalist)}.")

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from ..distributed import each_node_first
 from ..errors import BadInputError, DiskSpaceError, InputNotFoundError, free_space, full_disk_error, size_text
 from ..run_folder import check_writable
-from .checks import _read, _summary, check_hounsfield, check_image
+from .checks import _read, _summary, bad_items_error, check_hounsfield, check_image
 from .datalist import load_datalist
 
 __all__ = [
@@ -236,10 +236,13 @@ def _header_geometry(source: str) -> tuple[np.ndarray, np.ndarray]:
 def estimated_bytes(source: str, pixdim: Sequence[float] | None, min_size: Sequence[int] | None) -> int:
     """About the size of the array :func:`prepare` stores for ``source``, from its header alone: 2 bytes per voxel
     after resampling to ``pixdim`` and padding to ``min_size`` (the foreground crop only removes). 0 for a source
-    whose header cannot be read (it is reported as unusable)."""
+    whose header cannot be read or is not 3D (:func:`_prepare_one` reports it as unusable, with the input checks'
+    message)."""
     try:
         shape, spacing = _header_geometry(source)
     except Exception:  # unreadable or foreign: _prepare_one reports it
+        return 0
+    if len(shape) < 3:
         return 0
     if pixdim is not None:
         shape = shape * spacing / np.asarray(pixdim, float)
@@ -258,9 +261,9 @@ def _check_space(prepared_dir: str, todo: Sequence[str], settings: dict) -> None
     if need > free:
         raise DiskSpaceError(
             28,
-            f"disk full: preparing {len(todo)} volumes into {prepared_dir} needs about {size_text(need)} (int16 "
-            f"arrays, estimated from the sources' headers), and its disk ({disk}) has {size_text(free)} "
-            "free. Free some space, or prepare onto another disk (--prepared_dir).",
+            f"not enough free disk space: preparing {len(todo)} volumes into {prepared_dir} needs about "
+            f"{size_text(need)} (int16 arrays, estimated from the sources' headers), and its disk ({disk}) has "
+            f"{size_text(free)} free. Free some space, or prepare onto another disk (--prepared_dir).",
         )
 
 
@@ -286,14 +289,19 @@ def _write_atomically(path: str, write, num_bytes: int) -> None:
         ) from e
 
 
-def _prepare_one(source: str, array_path: str, settings: dict, hu_window: Sequence[float]) -> dict:
-    """Read, check and preprocess one source; write its array atomically. Returns its manifest entry."""
+def _prepare_one(
+    source: str, array_path: str, settings: dict, hu_window: Sequence[float], require_hu: bool = False
+) -> dict:
+    """Read, check and preprocess one source; write its array atomically. Returns its manifest entry: without an
+    array when a check refuses it (a volume refused only by ``require_hu`` is prepared by a later run without it)."""
     image, problems = _read(source)
     if image is not None:
         problems = check_image(image, min_size=settings["min_image_size"], pixdim=settings["pixdim"])
     if problems:
         return {"problems": problems}
     not_hu = check_hounsfield(image)
+    if not_hu and require_hu:
+        return {"not_hu": not_hu}
     source = {"source_shape": list(image.shape[1:]), "source_spacing": affine_to_spacing(image.affine, r=3).tolist()}
     chain = Compose(deterministic_transforms(hu_window, settings["pixdim"], settings["min_size"]))
     volume = chain({"image": image})["image"]
@@ -365,10 +373,7 @@ def _report_bad(
     problems = [f"{v['source']}: {p}" for v in bad for p in v.get("problems", [])] + (not_hu if require_hu else [])
     listing = "\n  ".join(problems)
     if not skip_bad:
-        raise BadInputError(
-            f"{len(bad)} of {total} datalist items cannot be used:\n  {listing}\nFix or remove them, or leave them "
-            "out with --skip_bad_volumes True (in Python: skip_bad=True)."
-        )
+        raise bad_items_error(problems, len(bad), total)
     if require_hu or new & {v["source"] for v in bad}:
         logger.warning(f"leaving out {len(bad)} of {total} datalist items:\n  {listing}")
     else:
@@ -437,7 +442,8 @@ def prepare(
     for source in sources:
         stamp, old = _stamp(source), known.get(source)
         done = old is not None and old.get("stamp") == stamp and stamp is not None
-        if done and ("problems" in old or os.path.isfile(os.path.join(prepared_dir, old.get("array", "")))):
+        refused = "problems" in old or (require_hu and "array" not in old) if done else False
+        if done and (refused or os.path.isfile(os.path.join(prepared_dir, old.get("array", "")))):
             entries[source] = old
         else:
             todo.append((source, stamp))
@@ -453,10 +459,9 @@ def prepare(
     last_write = time.monotonic()
     with ProcessPoolExecutor(num_workers, initializer=_single_thread) as pool:
         futures = {
-            pool.submit(_prepare_one, source, os.path.join(prepared_dir, _array_name(source)), settings, hu_window): (
-                source,
-                stamp,
-            )
+            pool.submit(
+                _prepare_one, source, os.path.join(prepared_dir, _array_name(source)), settings, hu_window, require_hu
+            ): (source, stamp)
             for source, stamp in todo
         }
         try:

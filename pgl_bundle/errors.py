@@ -5,23 +5,29 @@
 message. :func:`report_user_errors_last` makes an uncaught :class:`UserError` (found anywhere in the exception's chain
 of causes and contexts) print as its message alone, as command-line tools do; ``PGL_DEBUG=1`` in the environment
 prints Python's full traceback before it. Other exceptions print as usual. MONAI offers no hook for this, hence
-``sys.excepthook``.
+``sys.excepthook``. A user error raised during a run passes through MONAI's handlers first: their tracebacks of it are
+left out of the log (a log record factory) and open progress bars are closed before the ``ERROR:`` line, so
+that it stays the last line printed.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import sys
 import traceback
 from types import TracebackType
 
+from tqdm import tqdm
+
 __all__ = [
     "DEBUG_VARIABLE",
     "BadInputError",
     "DiskSpaceError",
     "InputNotFoundError",
+    "NoOutputError",
     "OutputExistsError",
     "OutputFolderError",
     "UserError",
@@ -51,6 +57,10 @@ class InputNotFoundError(UserError, FileNotFoundError):
 
 class OutputExistsError(UserError, FileExistsError):
     """The output folder holds another run's results, which the run would overwrite."""
+
+
+class NoOutputError(UserError, RuntimeError):
+    """A run ended without writing the result it exists for (e.g. fine-tuning without ``models/model.pt``)."""
 
 
 class DiskSpaceError(UserError, OSError):
@@ -130,11 +140,34 @@ def user_error_in_chain(error: BaseException | None) -> UserError | None:
     return None
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
+
+
+def _without_user_error_traceback(factory):
+    """``logging``'s record factory ``factory``, making the records of a user error without its traceback (MONAI's
+    ``StatsHandler`` logs every exception of a run with one, once per engine it passes through, on a logger of its
+    own); the message stays. With ``PGL_DEBUG=1`` records are made unchanged."""
+
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if record.exc_info and user_error_in_chain(record.exc_info[1]) is not None and not _debug():
+            record.exc_info = None
+        return record
+
+    make.strips_user_errors = True
+    return make
+
+
 def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
     cause = user_error_in_chain(error)
-    if cause is None or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0"):
+    if cause is None or _debug():
         traceback.print_exception(kind, error, tb)
     if cause is not None:
+        # a bar left open by the failed run would be drawn again when it is garbage-collected, after the ERROR line
+        for bar in list(tqdm._instances):
+            bar.close()
+        sys.stdout.flush()
         text = cause.args[-1] if cause.args else str(cause)  # OSError(errno, message): the message
         print(f"ERROR: {type(cause).__name__}: {text}", file=sys.stderr)
 
@@ -144,6 +177,10 @@ def report_user_errors_last() -> None:
 
     The traceback is printed before it only with ``PGL_DEBUG=1`` (:data:`DEBUG_VARIABLE`). Called by the configs'
     first ``run`` or ``initialize`` step and by ``python -m pgl_bundle``; idempotent. Other exceptions print exactly
-    as before.
+    as before. Log records of a user error leave out its traceback too (a record factory: MONAI's handlers log on
+    loggers of their own, made later).
     """
     sys.excepthook = _excepthook
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "strips_user_errors", False):
+        logging.setLogRecordFactory(_without_user_error_traceback(factory))

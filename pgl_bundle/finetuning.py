@@ -19,6 +19,10 @@ With P = K = 0 and no encoder warm-up this is MONAI's ``WarmupCosineSchedule`` f
 MONAI's schedules give every parameter group the same factor and its handlers cannot freeze part of a network on a
 schedule, so the per-group factors and the freezing are written here; ``torch.optim.lr_scheduler.LambdaLR`` applies
 the factors.
+
+Around the run: :func:`check_split` stops a split that leaves no case to train or to validate on before any work
+(ignite would skip an empty epoch and PyTorch's sampler fail on an empty dataset, neither naming the split), and
+:func:`require_model` fails a run that ended without writing its model.
 """
 
 from __future__ import annotations
@@ -26,13 +30,23 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-__all__ = ["TransferHandler", "TransferSchedule", "encoder_stage", "param_groups", "warmup_cosine"]
+from .errors import BadInputError, NoOutputError
+
+__all__ = [
+    "TransferHandler",
+    "TransferSchedule",
+    "check_split",
+    "encoder_stage",
+    "param_groups",
+    "require_model",
+    "warmup_cosine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -191,3 +205,36 @@ class TransferHandler:
             net.linear_head.requires_grad_(True)
         net.freeze_encoder_batchnorm = not encoder_on or self.encoder_batchnorm == "frozen"
         net.train(net.training)
+
+
+def check_split(train: Sequence, val: Sequence, num_val_cases: int, num_test_cases: int) -> None:
+    """Stop before training when the split leaves no training case, or no validation case (validation picks the
+    model that is saved: without it none is).
+
+    Args:
+        train, val: the cases of each part (``train#dataset#data``, ``validate#dataset#data``).
+        num_val_cases, num_test_cases: the options that made the split, for the message.
+
+    Raises:
+        BadInputError: one line: the counts and the option that changes them.
+    """
+    options = f"--num_val_cases {num_val_cases}, --num_test_cases {num_test_cases}"
+    if not train:
+        raise BadInputError(
+            f"the split leaves no case for training ({len(val)} for validation; {options}): lower those, or add cases."
+        )
+    if not val:
+        raise BadInputError(
+            f"the split leaves no case for validation ({len(train)} for training; {options}), and validation picks "
+            "the model that is saved (models/model.pt): set --num_val_cases 1 or more."
+        )
+
+
+def require_model(path: str) -> None:
+    """After training: :class:`~pgl_bundle.errors.NoOutputError` when ``path`` (the best model, saved at validation)
+    does not exist, so that such a run does not end with exit code 0."""
+    if not os.path.isfile(path):
+        raise NoOutputError(
+            f"{path}: fine-tuning ended without writing its model (saved at validation, by validate#handlers' "
+            "CheckpointSaver when the validation Dice improves): no validation ran, or its saver is disabled."
+        )

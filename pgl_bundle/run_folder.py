@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -102,6 +103,17 @@ def read_run_id(record: str) -> str | None:
         return None
 
 
+def _outputs(pattern: str) -> list[str]:
+    """The files ``pattern`` matches, ``**`` at any depth, leaving out those already moved into a ``replaced_*``
+    folder below the pattern's fixed part (the same files would be moved again, into themselves)."""
+    fixed = os.path.dirname(re.split(r"[*?[]", pattern, maxsplit=1)[0])
+    return [
+        p
+        for p in glob.glob(pattern, recursive=True)
+        if not any(part.startswith("replaced_") for part in os.path.relpath(p, fixed).split(os.sep)[:-1])
+    ]
+
+
 class _NotYetRestored(logging.Filter):
     """Drops ignite's "Engine run resuming from iteration 0, epoch 0 ...": MONAI's engines are built with a state, so
     ignite logs every run as resumed, before a ``CheckpointLoader`` restored anything (:meth:`RunFolder.attach`)."""
@@ -119,7 +131,8 @@ class RunFolder:
 
     Args:
         record: the run record to write, e.g. ``models/checkpoints/run.json``.
-        outputs: glob patterns of the files a run writes (its results), e.g. ``models/pretrained_encoder.pt``.
+        outputs: glob patterns of the files a run writes (its results), e.g. ``models/pretrained_encoder.pt``;
+            ``**`` matches any depth of folders (inference's predictions), except folders of replaced outputs.
         resume_path: the checkpoint this run continues from ("" for a new run); a resumed run keeps the recorded id.
         overwrite: a new run may replace existing outputs; they are moved to ``replaced_<old run id>/`` in the
             folder that holds them all.
@@ -141,7 +154,7 @@ class RunFolder:
         self.files = list(files)
         self.resume_path = resume_path
         previous = read_run_id(self.record)
-        self.existing = sorted({os.path.abspath(p) for pattern in outputs for p in glob.glob(pattern)})
+        self.existing = sorted({os.path.abspath(p) for pattern in outputs for p in _outputs(pattern)})
         self.to_move: list[str] = []
         if resume_path:
             self.run_id = previous or self._new_id()

@@ -5,7 +5,9 @@ Tests that need it FAIL when it is missing: a skipped real-data test would let C
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def keep_error_reporting():
+    """The configs install an excepthook and a log record factory (pgl_bundle.errors); give the previous ones back
+    after each test that runs a config in this process."""
+    hook, factory = sys.excepthook, logging.getLogRecordFactory()
+    yield
+    sys.excepthook = hook
+    logging.setLogRecordFactory(factory)

@@ -229,7 +229,7 @@ def test_train_properties(repo_root, tmp_path):
     assert workflow.check_properties() == []
 
 
-def test_infer_properties(round_trip, repo_root):
+def test_infer_properties(round_trip, repo_root, tmp_path):
     root, _ = round_trip
     workflow = ConfigWorkflow(
         config_file=config(repo_root, "inference.json"),
@@ -237,6 +237,7 @@ def test_infer_properties(round_trip, repo_root):
         meta_file=config(repo_root, "metadata.json"),
         logging_file=False,
         bundle_root=str(root),
+        output_dir=str(tmp_path),  # root/eval holds the round trip's label maps, which a new run does not replace
         **SMALL,
     )
     workflow.initialize()  # loads models/model.pt

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from pgl_bundle.data import check_checkpoint, check_datalist, load_datalist, make_synthetic_dataset
 from pgl_bundle.errors import BadInputError, DiskSpaceError, report_user_errors_last
 from pgl_bundle.networks import PGLResNetEncoder
-from tiny import TINY_PRETRAIN
+from tiny import TINY_PRETRAIN, TINY_SEGMENTATION_NETWORK
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = {
@@ -449,3 +450,150 @@ def test_generating_synthetic_data_is_said(tmp_path, caplog):
         caplog.text
     )
     assert f"using the synthetic CT phantoms in {tmp_path} (made earlier)" in caplog.text
+
+
+# fine-tuning's network at its smallest, on the synthetic phantoms' six classes: a run of one iteration takes seconds
+TINY_FINE_TUNING = {
+    **TINY_SEGMENTATION_NETWORK,
+    "num_workers": 0,
+    "patch_size": [32, 32, 16],
+    "batch_size": 1,
+    "num_samples": 1,
+    "num_iterations": 1,
+    "val_interval": 1,
+    "cache_rate": 0,
+}
+STAGES = {"evaluation": ["train.json", "evaluate.json"], "inference": ["inference.json"]}
+
+
+def run_stage(repo_root, configs, bundle_root, **overrides) -> None:
+    """``python -m monai.bundle run`` in this process."""
+    from monai.bundle import run as bundle_run
+
+    bundle_run(
+        "run",
+        config_file=[str(repo_root / "configs" / name) for name in configs],
+        logging_file=False,
+        bundle_root=str(bundle_root),
+        **overrides,
+    )
+
+
+def user_error(function, *args, **kwargs):
+    """The user error that ``function(*args, **kwargs)`` raises (anywhere in the exception's chain)."""
+    from pgl_bundle.errors import user_error_in_chain
+
+    with pytest.raises(Exception) as error:
+        function(*args, **kwargs)
+    cause = user_error_in_chain(error.value)
+    assert cause is not None, repr(error.value)
+    return cause
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> str:
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("phantoms")), 3, shape=(64, 64, 24))
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(repo_root, phantoms, tmp_path_factory):
+    """models/ of a one-iteration fine-tuning on the phantoms (model.pt and its plan, model.json)."""
+    root = tmp_path_factory.mktemp("fine_tuned")
+    hook, factory = sys.excepthook, logging.getLogRecordFactory()  # set by the config; conftest restores per test
+    run_stage(repo_root, ["train.json"], root, dataset_dir=phantoms, num_val_cases=1, **TINY_FINE_TUNING)
+    sys.excepthook = hook
+    logging.setLogRecordFactory(factory)
+    return root / "models"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_evaluation_and_inference_reruns_keep_earlier_results(repo_root, tmp_path, phantoms, fine_tuned, stage):
+    """A second run into the same output folder stops before any data is read (here: a dataset that does not exist)
+    and leaves the first run's results as they were; --overwrite True moves them to eval/replaced_<run id>/."""
+    shutil.copytree(fine_tuned, tmp_path / "models")
+    settings = {
+        "num_workers": 0,
+        "decoder_channels": TINY_FINE_TUNING["decoder_channels"],  # not in the model's plan
+        **({"num_val_cases": 1} if stage == "evaluation" else {}),
+    }
+    run_stage(repo_root, STAGES[stage], tmp_path, dataset_dir=phantoms, **settings)
+    eval_dir = tmp_path / "eval"
+    results = sorted(name for name in os.listdir(eval_dir) if not name.endswith("_run.json"))
+    expected = (
+        ["metrics.csv", "val_mean_dice_raw.csv", "val_mean_dice_summary.csv"]
+        if stage == "evaluation"
+        else ["synth_000_seg.nii.gz", "synth_001_seg.nii.gz", "synth_002_seg.nii.gz"]
+    )
+    assert results == expected
+    before = {name: (eval_dir / name).stat().st_mtime_ns for name in results}
+
+    cause = user_error(run_stage, repo_root, STAGES[stage], tmp_path, dataset_dir=str(tmp_path / "nope"), **settings)
+    assert type(cause).__name__ == "OutputExistsError", repr(cause)
+    record = next(eval_dir.glob("*_run.json"))
+    first_id = json.loads(record.read_text())["run_id"]
+    message = str(cause)
+    assert f"{eval_dir} holds the outputs of another run (run {first_id}): {', '.join(expected)}." in message
+    assert f"start afresh with --overwrite True (the old outputs are moved to {eval_dir}/replaced_{first_id}/)" in (
+        message
+    )
+    assert {name: (eval_dir / name).stat().st_mtime_ns for name in results} == before
+
+    run_stage(repo_root, STAGES[stage], tmp_path, dataset_dir=phantoms, overwrite=True, **settings)
+    aside = eval_dir / f"replaced_{first_id}"
+    assert sorted(os.listdir(aside)) == sorted([*expected, record.name])
+    assert sorted(name for name in os.listdir(eval_dir) if not name.endswith("_run.json")) == sorted(
+        [*expected, aside.name]
+    )
+    assert json.loads(record.read_text())["run_id"] != first_id
+
+
+def one_case(phantoms, folder) -> str:
+    """A dataset.json of the phantoms' first case alone."""
+    case = json.loads(Path(phantoms).read_text())["training"][0]
+    folder.mkdir()
+    (folder / "dataset.json").write_text(
+        json.dumps({"training": [{key: str(Path(phantoms).parent / path) for key, path in case.items()}]})
+    )
+    return str(folder / "dataset.json")
+
+
+@pytest.mark.parametrize(
+    "num_val_cases, expected",
+    [
+        (2, "the split leaves no case for training (1 for validation; --num_val_cases 2, --num_test_cases 0): "),
+        (0, "the split leaves no case for validation (1 for training; --num_val_cases 0, --num_test_cases 0), and "),
+    ],
+)
+def test_fine_tuning_stops_on_a_split_without_training_or_validation_cases(
+    repo_root, tmp_path, phantoms, num_val_cases, expected
+):
+    """One case: the default split (two validation cases) leaves nothing to train on, and --num_val_cases 0 nothing
+    to choose the model with; both stop before training with one line naming the counts and the option."""
+    data = one_case(phantoms, tmp_path / "one_case")
+    bundle = tmp_path / "bundle"
+    cause = user_error(
+        run_stage,
+        repo_root,
+        ["train.json"],
+        bundle,
+        dataset_dir=data,
+        **{**TINY_FINE_TUNING, "num_val_cases": num_val_cases},
+    )
+    assert type(cause).__name__ == "BadInputError" and expected in str(cause), repr(cause)
+    assert "\n" not in str(cause)
+    assert not (bundle / "models").exists() or not os.listdir(bundle / "models")
+
+
+def test_fine_tuning_that_writes_no_model_fails(repo_root, tmp_path, phantoms):
+    """Without its best-model saver (here disabled), a fine-tuning run would end with exit 0 and no models/model.pt."""
+    cause = user_error(
+        run_stage,
+        repo_root,
+        ["train.json"],
+        tmp_path,
+        dataset_dir=phantoms,
+        num_val_cases=1,
+        **{**TINY_FINE_TUNING, "validate#handlers#2#_disabled_": True},
+    )
+    assert type(cause).__name__ == "NoOutputError", repr(cause)
+    assert str(cause).startswith(f"{tmp_path}/models/model.pt: fine-tuning ended without writing its model")

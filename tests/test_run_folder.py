@@ -28,7 +28,7 @@ from pgl_bundle.data import make_synthetic_dataset
 from pgl_bundle.errors import BadInputError, DiskSpaceError, OutputExistsError, OutputFolderError, user_error_in_chain
 from pgl_bundle.handlers import checkpoint_bytes
 from pgl_bundle.run_folder import RunFolder, check_writable
-from tiny import TINY_PRETRAIN
+from tiny import TINY_PRETRAIN, TINY_SEGMENTATION_NETWORK
 from torch.utils.data import DataLoader
 
 TINY = {
@@ -39,12 +39,9 @@ TINY = {
 }
 # fine-tuning's network at its smallest: nothing of it is trained in these tests
 TINY_SEGMENTATION = {
+    **TINY_SEGMENTATION_NETWORK,
     "label_names": ["background", "tumour"],
     "num_workers": 0,
-    "encoder_layers": [1, 1, 1, 1],
-    "encoder_block": "basic",
-    "encoder_width": [8, 8, 8, 8],
-    "decoder_channels": [8, 8, 8, 8, 8],
 }
 Usage = namedtuple("Usage", "total used free")
 
@@ -52,12 +49,6 @@ Usage = namedtuple("Usage", "total used free")
 @pytest.fixture(scope="module")
 def three_volumes(tmp_path_factory) -> str:
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("three")), 3, shape=(64, 64, 24))
-
-
-@pytest.fixture(autouse=True)
-def keep_excepthook(monkeypatch):
-    """The configs install an excepthook (pgl_bundle.errors); give pytest's back afterwards."""
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
 
 
 def pretrain(repo_root, bundle_root, data, **overrides) -> None:
@@ -400,18 +391,24 @@ def models_disk_full(monkeypatch, models) -> None:
     )
 
 
-def test_fine_tuning_checks_free_space_before_reading_data(repo_root, tmp_path, monkeypatch):
-    models_disk_full(monkeypatch, tmp_path / "models")
+def fine_tuning_error(repo_root, bundle_root, **overrides) -> BaseException | None:
+    """The user error that stops train.json's run (small network) in ``bundle_root``."""
     with pytest.raises(Exception) as error:
         bundle_run(
             "run",
             config_file=str(repo_root / "configs" / "train.json"),
             logging_file=False,
-            bundle_root=str(tmp_path),
+            bundle_root=str(bundle_root),
             **TINY_SEGMENTATION,
+            **overrides,
         )
-    cause = user_error_in_chain(error.value)
-    assert isinstance(cause, DiskSpaceError), repr(error.value)
+    return user_error_in_chain(error.value) or error.value
+
+
+def test_fine_tuning_checks_free_space_before_reading_data(repo_root, tmp_path, monkeypatch):
+    models_disk_full(monkeypatch, tmp_path / "models")
+    cause = fine_tuning_error(repo_root, tmp_path)
+    assert isinstance(cause, DiskSpaceError), repr(cause)
     assert f"not enough free disk space for the checkpoints in ['{tmp_path}/models']" in str(cause)
     assert os.listdir(tmp_path) == ["models"] and not os.listdir(tmp_path / "models")  # no data made, no log
 
@@ -428,3 +425,61 @@ def test_a_run_refused_after_its_handlers_are_built_leaves_no_event_file(
     assert isinstance(cause, DiskSpaceError) and "checkpoint_every_n_iterations" not in str(cause), repr(cause)
     assert not (tmp_path / "eval").exists()
     assert not os.listdir(tmp_path / "models")
+
+
+def test_fine_tuning_refuses_an_occupied_folder_before_reading_data(repo_root, tmp_path):
+    """The earlier model is found before the datalist is read or cached (the dataset here does not exist)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"an earlier model")
+    cause = fine_tuning_error(repo_root, tmp_path, dataset_dir=str(tmp_path / "nope"))
+    assert isinstance(cause, OutputExistsError), repr(cause)
+    assert os.listdir(tmp_path / "models") == ["model.pt"]
+
+
+# monai.bundle's command line with every torch.save failing on a full disk (the first save of a run)
+FULL_DISK_RUN = """
+import errno, runpy, sys, torch
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+torch.save = full
+sys.argv[0] = "monai.bundle"
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_a_disk_that_fills_during_fine_tuning_ends_with_the_error_line(repo_root, tmp_path, three_volumes, debug):
+    """The model's save at the first validation fails: MONAI's handlers log no traceback of it, no progress bar is
+    drawn after the ERROR line, which is the last line; PGL_DEBUG=1 prints Python's traceback before it."""
+    import subprocess
+
+    overrides = {
+        **TINY_SEGMENTATION,
+        "label_names": ["background", "liver", "spleen", "right kidney", "left kidney", "aorta"],
+        "patch_size": [32, 32, 16],
+        "batch_size": 1,
+        "num_samples": 1,
+        "num_iterations": 1,
+        "val_interval": 1,
+        "num_val_cases": 1,
+        "cache_rate": 0,
+    }
+    args = [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value))]
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_RUN, "run", "--config_file", "configs/train.json"]
+        + ["--logging_file", "configs/logging.conf", "--bundle_root", str(tmp_path), "--dataset_dir", three_volumes]
+        + args,
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PGL_DEBUG": debug},
+    )
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode != 0
+    assert lines[-1].startswith(f"ERROR: DiskSpaceError: disk full: {tmp_path}/models/model.pt: saving"), lines[-5:]
+    assert "validation" in result.stdout  # the progress bar was drawn, before the error
+    assert ("Traceback" in result.stdout) == (debug == "1"), result.stdout[-3000:]

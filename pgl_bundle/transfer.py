@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 import torch
+from monai.handlers import CheckpointLoader
 from monai.networks.nets import ResNet
 from pgl_bundle.errors import BadInputError, require_file
 from torch import nn
@@ -29,6 +30,7 @@ from torch import nn
 __all__ = [
     "PLAN_DEFAULTS",
     "adaptation_plan",
+    "check_restored_model",
     "export_encoder",
     "load_encoder_checkpoint",
     "load_online_encoder",
@@ -305,3 +307,38 @@ def adaptation_plan(weights: str | os.PathLike | None, **given) -> dict:
                 f"({plan_file(weights)}: {key} = {json.dumps(plan[key])}); leave --{key} out to use the plan's."
             )
     return resolved
+
+
+def check_restored_model(network: nn.Module, handler) -> None:
+    """Before any data is read: the weights a training run restores fit the network it built; stop if not.
+
+    MONAI Label's ``BundleTrainTask`` prepends a ``CheckpointLoader`` for ``models/model.pt`` to ``train#handlers``
+    and loads it non-strictly when the trainer starts, after the datasets are cached; configs/train.json builds the
+    encoder from that model's plan (``restored_model``) and calls this with the first handler.
+
+    Args:
+        network: the network the run trains (``network_def``).
+        handler: the first training handler; anything but a ``monai.handlers.CheckpointLoader`` passes.
+
+    Raises:
+        BadInputError: the checkpoint's tensor names or shapes differ from the network's (the message names the file,
+            the first differences and the settings that decide them).
+    """
+    if not isinstance(handler, CheckpointLoader):
+        return
+    path = handler.load_path
+    state = _load(path, "model checkpoint", "a")
+    state = state.get("model", state) if isinstance(state, Mapping) else state
+    target = network.state_dict()
+    if not isinstance(state, Mapping):
+        raise BadInputError(f"{path}: not a model checkpoint: expected a state_dict, found {type(state).__name__}.")
+    missing, unexpected = target.keys() - state.keys(), state.keys() - target.keys()
+    wrong = [k for k in sorted(target.keys() & state.keys()) if tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or wrong:
+        shapes = "; ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in wrong[:_SHOWN])
+        raise BadInputError(
+            f"{path}: does not fit the network this run builds (missing: [{_quote(missing)}], unexpected: "
+            f"[{_quote(unexpected)}], shapes, checkpoint vs network: [{shapes}]). The encoder comes from the "
+            f"adaptation plan beside it ({plan_file(path)}), the rest from decoder_channels and label_names: they "
+            "must be the ones it was trained with."
+        )

@@ -8,7 +8,7 @@ Where each concept of the paper lives:
 - loss: :mod:`pgl_bundle.losses`; EMA momentum: :mod:`pgl_bundle.ema`
 - trainer step: MONAI's ``SupervisedTrainer`` fed by :mod:`pgl_bundle.engine`; its speed: :mod:`pgl_bundle.throughput`
 - what pretraining does to the data: pictures of the views :mod:`pgl_bundle.show_views`; collapse signal
-  :mod:`pgl_bundle.collapse`
+  :mod:`pgl_bundle.collapse`; dense probe during pretraining :mod:`pgl_bundle.validation_probe`
 - downstream network: :mod:`pgl_bundle.networks.segmentation`; weight transfer: :mod:`pgl_bundle.transfer`; how the
   pretrained encoder is fine-tuned: :mod:`pgl_bundle.finetuning`
 - data and its checks: :mod:`pgl_bundle.data`; prepared once, memory-mapped: :mod:`pgl_bundle.data.prepared`
@@ -16,7 +16,7 @@ Where each concept of the paper lives:
   strategies and label budgets, probe curve, fine-tuning sanity bar, paired bootstrap): :mod:`pgl_bundle.experiments`
 - resume and multi-process runs: :mod:`pgl_bundle.handlers`, :mod:`pgl_bundle.distributed`
 - one run per output folder: :mod:`pgl_bundle.run_folder`; errors the user fixes: :mod:`pgl_bundle.errors`
-- publishing weights: :mod:`pgl_bundle.release`
+- publishing weights: :mod:`pgl_bundle.release`; where an encoder came from: :mod:`pgl_bundle.provenance`
 """
 
 from .collapse import CollapseSignalHandler, collapse_signal
@@ -44,6 +44,7 @@ from .release import require_weights
 from .run_folder import RunFolder
 from .throughput import ThroughputHandler
 from .transfer import export_encoder, load_pretrained_encoder
+from .validation_probe import ValidationProbe
 from .views import RandPGLViewsd
 
 __version__ = "0.1.0"

@@ -12,8 +12,11 @@ Commands:
     synthetic  write the embedded synthetic CT phantom set (:func:`pgl_bundle.data.make_synthetic_dataset`)
     show_views  draw PGL's two views of a few volumes, their boxes and the aligner's overlap
                (:func:`pgl_bundle.show_views.show_views`)
-    publish    write large_files.yml (URLs, md5 hashes) of released weights
-               (:func:`pgl_bundle.release.write_large_files`)
+    plot_probe  draw a pretraining run's probe Dice and collapse signal against iteration
+               (:func:`pgl_bundle.validation_probe.plot_probe`)
+    show_encoder  print an encoder file's plan and where it came from (:func:`pgl_bundle.provenance.show_encoder`)
+    publish    write large_files.yml (URLs, md5 hashes) of released weights, and the encoder's provenance into
+               configs/metadata.json (:func:`pgl_bundle.release.write_large_files`)
     pack       zip the bundle for ``python -m monai.bundle download`` (:func:`pgl_bundle.release.pack`)
 """
 
@@ -24,8 +27,10 @@ from pgl_bundle.data import make_synthetic_dataset, prepare
 from pgl_bundle.datasets import DATASETS
 from pgl_bundle.errors import report_user_errors_last
 from pgl_bundle.experiments import compare, finetune_sanity, probe_curve
+from pgl_bundle.provenance import show_encoder
 from pgl_bundle.release import pack, write_large_files
 from pgl_bundle.show_views import show_views
+from pgl_bundle.validation_probe import plot_probe
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
@@ -39,6 +44,8 @@ if __name__ == "__main__":
             "finetune_sanity": finetune_sanity,
             "synthetic": make_synthetic_dataset,
             "show_views": show_views,
+            "plot_probe": plot_probe,
+            "show_encoder": show_encoder,
             "publish": write_large_files,
             "pack": pack,
         }

@@ -220,8 +220,9 @@ def checkpoint_bytes(save_dict: Mapping[str, object]) -> int:
 
     Modules: every tensor of their ``state_dict``. Optimizers: their current state, but at least two tensors the
     size of each parameter they update (Adam's two moments; SGD's momentum and LARS keep one, so this over-counts
-    them), since optimizers create their state at the first step. Other entries (trainer, scheduler, run identity)
-    are a few kilobytes; pickling adds well under 1 %. Both are covered by a 1 MB margin.
+    them), since optimizers create their state at the first step. Entries with a ``checkpoint_bytes()`` method: what
+    it says. Other entries (trainer, scheduler, run identity) are a few kilobytes; pickling adds well under 1 %. Both
+    are covered by a 1 MB margin.
     """
     total = 1 << 20
     for obj in save_dict.values():
@@ -233,6 +234,8 @@ def checkpoint_bytes(save_dict: Mapping[str, object]) -> int:
             )
             params = sum(p.numel() * p.element_size() for g in obj.param_groups for p in g["params"])
             total += max(state, 2 * params)
+        elif hasattr(obj, "checkpoint_bytes"):  # e.g. the probe's best encoder (pgl_bundle.validation_probe)
+            total += obj.checkpoint_bytes()
     return total
 
 

@@ -16,13 +16,24 @@ MONAI provides the downloading and the hash checks, not the packing: these two f
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import zipfile
 
 import yaml
 from pgl_bundle.errors import BadInputError
+from pgl_bundle.transfer import read_plan
 
-__all__ = ["BUNDLE_FILES", "BUNDLE_NAME", "WEIGHTS", "pack", "require_weights", "write_large_files"]
+__all__ = [
+    "BUNDLE_FILES",
+    "BUNDLE_NAME",
+    "METADATA_KEY",
+    "WEIGHTS",
+    "pack",
+    "require_weights",
+    "write_large_files",
+]
 
 # the zoo's pattern (modality, method, task); not the Python package's name: a download folder of that name in
 # the working directory would shadow the installed package
@@ -30,6 +41,9 @@ BUNDLE_NAME = "ct_pgl_ssl_segmentation"
 WEIGHTS = ("models/pretrained_encoder.pt", "models/model.pt")  # pretraining's encoder, fine-tuning's network
 BUNDLE_FILES = ("configs", "docs", "pgl_bundle", "scripts", "large_files.yml", "LICENSE", "README.md", "pyproject.toml")
 _LEFT_OUT = ("__pycache__", ".pyc", ".egg-info", ".pt")
+METADATA_KEY = "pretrained_encoder"  # the encoder's plan and provenance in configs/metadata.json
+
+logger = logging.getLogger(__name__)
 
 
 def _md5(path: str) -> str:
@@ -56,13 +70,19 @@ def require_weights(path: str) -> str:
     )
 
 
-def write_large_files(base_url: str, bundle_root: str = ".", output: str | None = None) -> str:
-    """Write the ``large_files.yml`` that ``download_large_files`` reads: each of :data:`WEIGHTS`, its URL and md5.
+def write_large_files(
+    base_url: str, bundle_root: str = ".", output: str | None = None, metadata: str | None = None
+) -> str:
+    """Write the ``large_files.yml`` that ``download_large_files`` reads: each of :data:`WEIGHTS`, its URL and md5;
+    and record the pretrained encoder's plan and provenance (:mod:`pgl_bundle.provenance`) in the bundle's metadata,
+    under :data:`METADATA_KEY`, so that the released bundle says what its encoder was trained on.
 
     Args:
         base_url: where the weight files are published; a file's URL is ``base_url/<file name>``.
         bundle_root: the bundle whose ``models/`` holds the weights to publish.
         output: the file to write; default ``bundle_root/large_files.yml``.
+        metadata: the metadata to record the encoder in; default ``bundle_root/configs/metadata.json``. Left as it
+            is when it does not exist or the encoder has no plan (both are logged).
 
     Returns:
         the path written.
@@ -82,7 +102,26 @@ def write_large_files(base_url: str, bundle_root: str = ".", output: str | None 
         f.write("# Weights of this bundle, fetched by `python -m monai.bundle download_large_files`.\n")
         f.write("# Written by `python -m pgl_bundle publish` for the published files.\n")
         yaml.safe_dump({"large_files": entries}, f, sort_keys=False)
+    _record_encoder(
+        os.path.join(bundle_root, WEIGHTS[0]), metadata or os.path.join(bundle_root, "configs", "metadata.json")
+    )
     return output
+
+
+def _record_encoder(encoder: str, metadata: str) -> None:
+    """Put the plan of ``encoder`` into the bundle metadata file ``metadata``, atomically, as :data:`METADATA_KEY`."""
+    plan = read_plan(encoder)
+    if plan is None or not os.path.isfile(metadata):
+        logger.warning(f"{metadata}: not updated: {'no plan beside ' + encoder if plan is None else 'no such file'}.")
+        return
+    with open(metadata) as f:
+        content = json.load(f)
+    content[METADATA_KEY] = {"path": WEIGHTS[0], **plan}
+    with open(metadata + ".partial", "w") as f:
+        json.dump(content, f, indent=4)
+        f.write("\n")
+    os.replace(metadata + ".partial", metadata)
+    logger.info(f"{metadata}: {METADATA_KEY} recorded from {encoder}'s plan.")
 
 
 def _require_published(large_files: str) -> None:

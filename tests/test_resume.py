@@ -20,13 +20,19 @@ from pgl_bundle.data import make_synthetic_dataset
 from pgl_bundle.distributed import reseed
 from tiny import TINY_PRETRAIN
 
-# 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3
+# 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3;
+# the dense probe (on the phantoms' labels) at iterations 4, 8, ..., 24
 RUN = {
     **TINY_PRETRAIN,
     "num_workers": 0,
     "batch_size": 1,
     "max_epochs": 3,
     "checkpoint_every_n_iterations": 5,
+    "probe_every_n_iterations": 4,
+    "probe_num_train_cases": 2,
+    "probe_num_val_cases": 2,
+    "probe_crops_per_case": 2,
+    "probe_iterations": 10,
 }
 PAUSE_AT = 13  # mid-epoch 2, three iterations after the checkpoint of iteration 10
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,14 +84,16 @@ def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
     killed_root, full_root = tmp_path / "killed", tmp_path / "uninterrupted"
     full_log = open(tmp_path / "uninterrupted.log", "w")
     uninterrupted = subprocess.Popen(
-        bundle_cmd("training", ["configs/pretrain.json"], full_root, dataset_dir=data),
+        bundle_cmd("training", ["configs/pretrain.json"], full_root, dataset_dir=data, probe_dataset=data),
         cwd=repo_root,
         stdout=full_log,
         stderr=subprocess.STDOUT,
         env=ENV,
     )
     victim = subprocess.Popen(
-        bundle_cmd("pause_then_train", ["configs/pretrain.json", str(pause)], killed_root, dataset_dir=data),
+        bundle_cmd(
+            "pause_then_train", ["configs/pretrain.json", str(pause)], killed_root, dataset_dir=data, probe_dataset=data
+        ),
         cwd=repo_root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -103,7 +111,14 @@ def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
 
     log = run(
         repo_root,
-        bundle_cmd("training", ["configs/pretrain.json"], killed_root, dataset_dir=data, resume_from="latest"),
+        bundle_cmd(
+            "training",
+            ["configs/pretrain.json"],
+            killed_root,
+            dataset_dir=data,
+            probe_dataset=data,
+            resume_from="latest",
+        ),
     )
     assert f"Restored all variables from {checkpoints / 'checkpoint_iteration=10.pt'}" in log
     assert "epoch 2: resuming after its first 2 batches" in log
@@ -127,6 +142,23 @@ def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
     different = [k for k, v in reference["network"].items() if not torch.equal(resumed["network"][k], v)]
     assert not different, different[:5]
     assert any(k.startswith("target.") for k in reference["network"])
+
+    # the probe's record and best encoder: those of the uninterrupted run, though the killed run probed at 12 after
+    # its last checkpoint (10) and the resumed one probed again from there
+    models = {root: root / "models" for root in (killed_root, full_root)}
+    record = (models[full_root] / "probe.csv").read_text()
+    assert (models[killed_root] / "probe.csv").read_text() == record
+    assert [line.split(",")[0] for line in record.splitlines()] == ["iteration", "4", "8", "12", "16", "20", "24"]
+    plans = {root: json.loads((m / "pretrained_encoder_best.json").read_text()) for root, m in models.items()}
+    best = {k: plans[full_root]["pretraining"][k] for k in ("iteration", "val_dice")}
+    assert {k: plans[killed_root]["pretraining"][k] for k in best} == best
+    assert best["val_dice"] == max(float(line.split(",")[1]) for line in record.splitlines()[1:])
+    encoders = [torch.load(m / "pretrained_encoder_best.pt", weights_only=True) for m in models.values()]
+    assert all(torch.equal(encoders[0][k], v) for k, v in encoders[1].items())
+    # the final encoder's provenance: the same data manifest in both runs, the final iteration
+    final = [json.loads((m / "pretrained_encoder.json").read_text())["pretraining"] for m in models.values()]
+    assert final[0]["data"] == final[1]["data"] and final[0]["data"]["num_volumes"] == 8
+    assert final[0]["iteration"] == final[1]["iteration"] == 24
 
 
 SAVER = """

@@ -229,11 +229,14 @@ def test_export_refuses_a_network_without_resnet(pretrained):
 
 def test_pretraining_writes_its_adaptation_plan(pretrained):
     plan = json.loads((pretrained / "pretrained_encoder.json").read_text())
+    record = plan.pop("pretraining")
     assert plan == {
         **PLAN_DEFAULTS,
         "encoder_layers": LAYERS,
         "patch_size": [64, 64, 16],
     }
+    final = torch.load(pretrained / "checkpoints" / "checkpoint_final.pt", weights_only=True)["trainer"]["iteration"]
+    assert record["iteration"] == final and record["data"]["num_volumes"] > 0
 
 
 def test_fine_tuning_builds_the_encoder_of_the_plan(pretrained, repo_root):

@@ -13,6 +13,7 @@ import sys
 import pytest
 from monai.bundle import ConfigWorkflow
 from pgl_bundle.experiments.compare import Run, compare, curve_runs, pretraining_volumes, probe_runs, select
+from pgl_bundle.experiments.encoder_choice import best_iterations
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
 from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import best_validation_dice
@@ -52,6 +53,59 @@ def test_outputs_have_one_row_per_run_and_test_case_with_the_probe(tiny_comparis
     assert "random: lp-ft (x1); pgl: lp-ft (x1)" in table
     png = output_dir / "results.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_encoders_iteration_is_chosen_by_the_probe_on_validation_cases_only(tiny_comparison):
+    output_dir, _ = tiny_comparison
+    with open(output_dir / "encoder_choice.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["iteration"]) for r in rows] == [("pgl", "1"), ("pgl", "2")]
+    scores = {int(r["iteration"]): float(r["validation_probe_dice"]) for r in rows}
+    chosen = [int(r["iteration"]) for r in rows if r["chosen"] == "True"]
+    assert chosen == [max(scores, key=lambda i: (scores[i], -i))]
+    # the probes train on the selection budget's cases and are scored on the validation case, never a test case
+    probed = json.loads((output_dir / "encoder_choice" / "labelled.json").read_text())["training"]
+    assert [os.path.basename(os.path.dirname(item["image"])) for item in probed] == ["STS_001", "STS_002", "STS_028"]
+    assert (output_dir / "finetune" / f"pgl{chosen[0]}_lp-ft_x1_n2_seed0" / "eval" / "val_mean_dice_raw.csv").is_file()
+
+
+def test_best_iteration_ties_go_to_the_earlier_one():
+    assert best_iterations({("pgl", 500): 0.3, ("pgl", 250): 0.3, ("byol", 500): 0.2, ("byol", 1000): 0.25}) == {
+        "pgl": 250,
+        "byol": 1000,
+    }
+
+
+def test_openkbp_compares_every_encoder_with_pgls_recipe_and_each_at_its_own_best(tmp_path, monkeypatch):
+    dataset = tmp_path / "dataset.json"
+    items = [{"image": f"pt_{i}.nii.gz", "label": f"pt_{i}_label.nii.gz"} for i in range(90)]
+    for item in items:
+        for path in item.values():
+            (tmp_path / path).touch()
+    dataset.write_text(json.dumps({"training": items}))
+    stages = {}
+
+    def record(function, jobs, parallel, desc):  # the stages' jobs, none run; random is best with LP-FT
+        stages[desc] = [job[0] for job in jobs]
+        return [
+            0.6 if isinstance(r, Run) and (r.encoder, r.strategy) == ("random", "lp-ft") else 0.5 for r in stages[desc]
+        ]
+
+    module = sys.modules["pgl_bundle.experiments.compare"]
+    monkeypatch.setattr(module, "run_all", record)
+    monkeypatch.setattr(module, "choose_iterations", lambda *args: {"pgl": 1500, "byol": 500})
+    compare(str(dataset), output_dir=str(tmp_path / "out"), preset="openkbp", unlabelled=[str(dataset)])
+    assert {r.encoder for r in stages["selection"]} == {"random", "pgl1500", "byol500"}
+    same_recipe = [r for r in stages["curve"] if (r.strategy, r.scale) == ("joint", 0.1)]
+    assert sorted({(r.encoder, r.budget) for r in same_recipe}) == [
+        (e, b) for e in ("byol500", "pgl1500", "random") for b in (2, 5, 10, 20)
+    ]
+    assert len(same_recipe) == 12 * 3  # every seed
+    # best against best: random at its own selected recipe, at the selection budget, every seed
+    own = [r for r in stages["curve"] if r not in same_recipe]
+    assert sorted((r.encoder, r.strategy, r.scale, r.budget, r.seed) for r in own) == [
+        ("random", "lp-ft", 0.1, 5, seed) for seed in (0, 1, 2)
+    ]
 
 
 def test_encoders_are_written_with_their_adaptation_plan(tiny_comparison):

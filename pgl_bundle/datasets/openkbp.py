@@ -194,15 +194,15 @@ def convert_openkbp(source: str, output: str, overwrite: bool = False, partial: 
         except (InputNotFoundError, BadInputError) as error:
             skipped[name] = str(error)
             continue
-        ct, affine = to_ras(ct, spacing)
+        (ct, affine), label = to_ras(ct, spacing), to_ras(label, spacing)[0]
         image = os.path.join("imagesTr", f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(ct, affine), os.path.join(output, image))
-        problems = anatomy_problems(to_ras(label, spacing)[0], affine)
+        problems = "; ".join(anatomy_problems(label, affine))
         if missing or problems:
             unlabelled[pid] = {"image": image, "why": f"not contoured: {', '.join(missing)}" if missing else problems}
             continue
         label_path = os.path.join("labelsTr", f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(to_ras(label, spacing)[0], affine), os.path.join(output, label_path))
+        nib.save(nib.Nifti1Image(label, affine), os.path.join(output, label_path))
         labelled[pid] = {"image": image, "label": label_path}
     held_out = [*VALIDATION_IDS, *TEST_IDS]
     if not labelled and not unlabelled:
@@ -211,10 +211,12 @@ def convert_openkbp(source: str, output: str, overwrite: bool = False, partial: 
     if partial:
         held_out = [pid for pid in held_out if pid in labelled]
     elif absent:
+        first = f"pt_{absent[0]}"
+        why = skipped.get(first) or unlabelled.get(absent[0], {}).get("why") or "no such patient"
         raise BadInputError(
-            f"{source}: {len(absent)} of the fixed split's {len(held_out)} validation and test patients are missing or "
-            f"incomplete (pt_{', pt_'.join(map(str, absent[:5]))}{' ...' if len(absent) > 5 else ''}: ({'; '.join(skipped.get(f'pt_{p}', 'not a labelled case') for p in absent[:3])}); a copy "
-            "without them converts with --partial True, for trials only."
+            f"{source}: {len(absent)} of the fixed split's {len(held_out)} validation and test patients are missing "
+            f"or incomplete, the first {first} ({why}); a copy without them converts with --partial True, for trials "
+            "only."
         )
     pool = [labelled[pid] for pid in sorted(labelled) if pid not in held_out]
     order = pool + [labelled[pid] for pid in held_out]
@@ -246,9 +248,11 @@ def convert_openkbp(source: str, output: str, overwrite: bool = False, partial: 
     )
     for name, reason in skipped.items():
         logger.warning(f"skipped {name}: {reason}")
+    first_skipped = f", the first {next(iter(skipped.items()))}" if skipped else ""
     logger.info(
-        f"{output}: {len(order)} labelled cases (pool {len(pool)}, validation and test {len(held_out)}), {len(pretraining)} pretraining volumes, {len(unlabelled)} CTs without all five organs, "
-        f"{len(skipped)} patients skipped."
+        f"{output}: {len(order)} labelled cases (pool {len(pool)}, validation and test {len(held_out)}), "
+        f"{len(pretraining)} pretraining volumes, {len(unlabelled)} CTs without all five organs (conversion.json), "
+        f"{len(skipped)} patients skipped{first_skipped}."
     )
     return dataset_json
 

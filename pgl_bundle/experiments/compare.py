@@ -37,11 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pgl_bundle.data import load_datalist
+from pgl_bundle.experiments.encoder_choice import choose_iterations
 from pgl_bundle.experiments.presets import PRESETS, PRETRAINED_ONLY, STRATEGIES, strategy_overrides
 from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import (
     CONFIGS,
     best_validation_dice,
+    checkpoints_by_iteration,
     extract_encoder,
     pretrain,
     run_all,
@@ -50,7 +52,7 @@ from pgl_bundle.experiments.runner import (
 )
 from pgl_bundle.transfer import PLAN_DEFAULTS
 
-__all__ = ["Run", "compare", "curve_runs", "pretraining_volumes", "probe_runs", "select"]
+__all__ = ["Run", "best_against_best", "compare", "curve_runs", "pretraining_volumes", "probe_runs", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +121,14 @@ def curve_runs(
     budgets: Sequence[int],
     encoder_budgets: dict[str, Sequence[int]],
     seeds: Sequence[int],
+    recipe_of: str = "",
 ) -> list[Run]:
-    """The label-budget curve: every encoder with its method's selected strategy (a BYOL encoder: PGL's) and the
-    ``also`` strategies, each at its selected factor, at its budgets (``encoder_budgets``, else ``budgets``)."""
+    """The label-budget curve: every encoder with its method's selected strategy (a BYOL encoder: PGL's; with
+    ``recipe_of``, that method's for every encoder, random included: recipe for recipe) and the ``also`` strategies,
+    each at its selected factor, at its budgets (``encoder_budgets``, else ``budgets``)."""
     runs = []
     for encoder in encoders:
-        method = _selecting_method(encoder)
+        method = recipe_of or _selecting_method(encoder)
         names = [chosen[method], *also] if method in chosen else []
         for strategy in dict.fromkeys(s for s in names if (method, s) in factors):
             for budget in encoder_budgets.get(encoder, budgets):
@@ -143,6 +147,22 @@ def probe_runs(curve: Sequence[Run], factors: dict[tuple[str, str], float], seed
         if (encoder, budget) not in probed and factor is not None:
             runs.append(Run(encoder, "lp-ft", factor, budget, seed))
     return runs
+
+
+def best_against_best(
+    encoders: Sequence[str],
+    chosen: dict[str, str],
+    factors: dict[tuple[str, str], float],
+    budget: int,
+    seeds: Sequence[int],
+) -> list[Run]:
+    """Each encoder with its own method's selected strategy and factor at the selection budget, every seed."""
+    return [
+        Run(encoder, chosen[_method(encoder)], factors[_method(encoder), chosen[_method(encoder)]], budget, seed)
+        for encoder in encoders
+        if _method(encoder) in chosen
+        for seed in seeds
+    ]
 
 
 def _method(encoder: str) -> str:
@@ -219,11 +239,14 @@ def compare(
         "label_names": list(label_names or settings.get("label_names", ["background", "tumour"])),
     }
     known = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
-    encoders = list(encoders or known)
+    known += list(settings["encoders"])  # a method's name: its encoder at the iteration the validation probe chooses
+    encoders = list(encoders or settings.get("curve_encoders", known))
     unknown = [e for e in encoders if e not in known]
     if unknown:
         raise ValueError(f"unknown encoders {unknown}; preset {preset!r} has {known}.")
     timings: dict[str, float] = {}
+    plan = {key: settings["pretrain"].get(key, common.get(key, default)) for key, default in PLAN_DEFAULTS.items()}
+    plan["patch_size"] = settings["pretrain"]["patch_size"]
 
     def encoder_file(encoder: str) -> str:
         method = _method(encoder)
@@ -239,8 +262,6 @@ def compare(
             {**common, **settings["pretrain"]},
             threads,
         )
-        plan = {key: settings["pretrain"].get(key, common.get(key, default)) for key, default in PLAN_DEFAULTS.items()}
-        plan["patch_size"] = settings["pretrain"]["patch_size"]
         for iteration in settings["encoders"].get(method, []):
             extract_encoder(found[iteration], encoder_file(f"{method}{iteration}"), plan)
         timings[f"pretrain/{method}"] = time.time() - start
@@ -283,10 +304,46 @@ def compare(
 
     selection = settings["selection"]
     used = {_method(e) for e in [*encoders, *selection["encoders"]]}
-    only = selection.get("strategies", {})  # per encoder, the strategies it is tried with (default: all)
+    if not report_only:
+        sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
+        kept = pretraining_volumes(sources, items, num_val + num_test)
+        unlabelled_json = write_datalist(os.path.join(output_dir, "unlabelled.json"), kept)
+        schedule = sorted({i for iterations in settings["encoders"].values() for i in iterations})
+        run_all(pretrain_stage, [(m,) for m in settings["encoders"] if m in used], parallel, "pretrain")
+        if stop_after == "pretrain":
+            return ""
+    # a method's name stands for its encoder at the iteration chosen by the dense probe on the validation cases
+    bare = [m for m in settings["encoders"] if m in {*encoders, *selection["encoders"]}]
+    chosen_iterations = {}
+    if bare:
+        candidates = {m: checkpoints_by_iteration(os.path.join(output_dir, "pretrain", m)) for m in bare}
+        candidates = {
+            m: {i: found[i] for i in settings["encoders"][m] if i in found} for m, found in candidates.items()
+        }
+        probe = {
+            **common,
+            "hu_window": plan["hu_window"],
+            "pixdim": plan["pixdim"],
+            "label_names": finetune["label_names"],
+            "patch_size": finetune["patch_size"],
+            "batch_size": 2,
+            "num_samples": 2,
+            "probe_iterations": settings.get("probe_iterations", 100),
+        }
+        train_items, validation_items = items[: selection["budget"]], items[pool : pool + num_val]
+        chosen_iterations = choose_iterations(
+            output_dir, candidates, train_items, validation_items, probe, seeds[0], parallel, threads, report_only
+        )
+
+    def resolved(encoder: str) -> str:
+        return f"{encoder}{chosen_iterations[encoder]}" if encoder in chosen_iterations else encoder
+
+    encoders = [resolved(e) for e in encoders]
+    selection_encoders = [resolved(e) for e in selection["encoders"]]
+    only = {resolved(e): names for e, names in selection.get("strategies", {}).items()}  # default: all strategies
     selection_runs = [
         Run(encoder, strategy, scale, selection["budget"], seeds[0])
-        for encoder in selection["encoders"]
+        for encoder in selection_encoders
         for strategy in strategy_names
         if not (encoder == "random" and strategy in PRETRAINED_ONLY) and strategy in only.get(encoder, strategy_names)
         for scale in settings.get("strategy_lr_scales", {}).get(strategy, scales)
@@ -299,29 +356,32 @@ def compare(
             -tried_by[r.strategy],
             strategy_names.index(r.strategy),
             -r.scale,
-            selection["encoders"].index(r.encoder),
+            selection_encoders.index(r.encoder),
         )
     )
     if not report_only:
-        sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
-        kept = pretraining_volumes(sources, items, num_val + num_test)
-        unlabelled_json = write_datalist(os.path.join(output_dir, "unlabelled.json"), kept)
-        schedule = sorted({i for iterations in settings["encoders"].values() for i in iterations})
-        run_all(pretrain_stage, [(m,) for m in settings["encoders"] if m in used], parallel, "pretrain")
-        if stop_after == "pretrain":
-            return ""
         scores = dict(zip(selection_runs, run_all(fine_tune, [(r,) for r in selection_runs], parallel, "selection")))
     else:
         scores = {r: fine_tune(r) for r in selection_runs if os.path.isfile(os.path.join(root(r), "validation.json"))}
     factors, chosen = select(scores)
-    curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds)
-    probes = probe_runs(curve, factors, seeds[0])
+    recipe_of = settings.get("same_recipe", "")
+    curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds, recipe_of)
+    if recipe_of:  # besides recipe for recipe: each encoder at its own selected recipe, every seed
+        curve += [
+            r
+            for r in best_against_best(selection_encoders, chosen, factors, selection["budget"], seeds)
+            if r not in curve
+        ]
+    probes = probe_runs(curve, factors, seeds[0]) if settings.get("floor_probes", True) else []
     if not report_only:
         # each run tested as soon as it is trained; the selection's encoders first, seed by seed, the probes last: a
         # comparison stopped early has whole seeds of its main arms
         runs = dict.fromkeys([*curve, *probes, *(selection_runs if test_selection else [])])
-        tested = sorted(runs, key=lambda r: (r in probes, r.encoder not in selection["encoders"], r.seed))
+        order = {budget: i for i, budget in enumerate(budgets)}
+        tested = sorted(
+            runs, key=lambda r: (r in probes, r.encoder not in selection_encoders, r.seed, order.get(r.budget, -1))
+        )
         run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")
-    return write_report(output_dir, scores, curve, probes, root, factors, chosen)
+    return write_report(output_dir, scores, curve, probes, root, factors, chosen, finetune["label_names"][1:])

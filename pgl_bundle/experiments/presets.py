@@ -45,7 +45,7 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "model": {"encoder_layers": [1, 1, 1, 1], "encoder_block": "basic", "encoder_width": [16, 16, 32, 32]},
         "pretrain": {"patch_size": [64, 64, 16], "hidden_channels": 64, "batch_size": 2, "num_volumes": 4},
-        "encoders": {"pgl": [1]},
+        "encoders": {"pgl": [1, 2]},  # the validation probe chooses between them
         "finetune": {
             "patch_size": [64, 64, 16],
             "batch_size": 2,
@@ -59,7 +59,9 @@ PRESETS: dict[str, dict] = {
         },
         "strategies": ["lp-ft"],
         "encoder_lr_scales": [1.0],
-        "selection": {"budget": 2, "encoders": ["random", "pgl1"]},
+        "selection": {"budget": 2, "encoders": ["random", "pgl"]},
+        "curve_encoders": ["random", "pgl"],
+        "probe_iterations": 2,
         "budgets": [2],
         "seeds": [0],
         "num_val_cases": 1,
@@ -127,6 +129,9 @@ PRESETS: dict[str, dict] = {
         "strategies": ["joint", "lp-ft"],
         "encoder_lr_scales": [0.1, 1.0],
         "selection": {"budget": 5, "encoders": ["random", "pgl", "byol"]},
+        "curve_encoders": ["random", "pgl", "byol"],
+        "same_recipe": "pgl",  # every encoder with PGL's selected strategy and factor; each at its own at 5 patients
+        "floor_probes": False,  # the encoders' probes: the validation probes that chose their iterations
         "budgets": [5, 20, 2, 10],
         "seeds": [0, 1, 2],
         "num_val_cases": 10,

@@ -9,7 +9,7 @@ import os
 import statistics
 from collections.abc import Callable
 
-from pgl_bundle.experiments.runner import dice_per_case
+from pgl_bundle.experiments.runner import dice_per_case, dice_per_class
 from pgl_bundle.experiments.stats import paired_bootstrap
 
 __all__ = ["write_report"]
@@ -36,7 +36,8 @@ def _interval(a: dict[str, float], b: dict[str, float]) -> str:
 
 
 def _versus_random(mine: list, randoms: list, test: dict) -> str:
-    """Paired bootstrap of ``mine - randoms`` on the seeds both have, as text; "" without one. A seed fixes the crops
+    """Paired bootstrap of ``mine - randoms`` (or another arm's runs) on the seeds both have, as text; "" without
+    one. A seed fixes the crops
     drawn and the new layers' initialisation, so an arm stopped after fewer seeds is compared with the same seeds."""
     seeds = {r.seed for r in mine} & {r.seed for r in randoms}
     paired = [[r for r in runs if r.seed in seeds] for runs in (mine, randoms)]
@@ -44,7 +45,14 @@ def _versus_random(mine: list, randoms: list, test: dict) -> str:
 
 
 def write_report(
-    output_dir: str, selection: dict, curve: list, probes: list, root: Callable, factors: dict, chosen: dict[str, str]
+    output_dir: str,
+    selection: dict,
+    curve: list,
+    probes: list,
+    root: Callable,
+    factors: dict,
+    chosen: dict[str, str],
+    class_names: list[str] = (),
 ) -> str:
     """Write the report; return the path of ``results.md``.
 
@@ -55,6 +63,7 @@ def write_report(
         probes: the runs that give the curve's encoders their probes (in the table, not on the plot).
         root: a run's folder.
         factors, chosen: :func:`pgl_bundle.experiments.compare.select`'s result.
+        class_names: the foreground classes' names, for the per-class table (else ``class0``, ...).
     """
     with open(os.path.join(output_dir, "selection.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -79,8 +88,8 @@ def write_report(
         cells.setdefault((r.encoder, r.strategy, r.budget), []).append(r)
     lines = [
         "| encoder | strategy (encoder lr factor) | budget | seeds | test Dice | per seed | probe Dice "
-        "| fine-tuned - probe | vs random, same strategy | vs random, its selected strategy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fine-tuned - probe | vs random, same strategy | vs random, its selected strategy | vs BYOL, same strategy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (encoder, strategy, budget), mine in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
         per_seed = [statistics.fmean(test[r].values()) for r in mine]
@@ -95,11 +104,19 @@ def write_report(
             _versus_random(mine, cells.get(("random", other, budget), []), test) if encoder != "random" else ""
             for other in (strategy, chosen.get("random"))
         ]
+        byol = [
+            r
+            for (e, s, b), runs in cells.items()
+            if e.startswith("byol") and (s, b) == (strategy, budget)
+            for r in runs
+        ]
+        versus.append(_versus_random(mine, byol, test) if encoder.startswith("pgl") else "")
         mean = statistics.fmean(per_seed)
         seeds = ", ".join(f"{v:.3f}" for v in per_seed)
         row = [encoder, f"{strategy} (x{mine[0].scale:g})", budget, len(mine), f"{mean:.3f}", seeds, *floor, *versus]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     _plot(os.path.join(output_dir, "results.png"), [r for r in curve if test.get(r)], test)
+    per_class = _per_class_table(cells, root, class_names)
     chosen_text = "; ".join(f"{m}: {s} (x{factors[m, s]:g})" for m, s in chosen.items())
     note = (
         f"Selected on validation (first seed, selection budget; selection.csv): {chosen_text}. Test Dice: per-case "
@@ -111,8 +128,28 @@ def write_report(
         "(on the seeds both have)."
     )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n\n" + note + "\n\n" + _selection_table(selection, chosen, factors) + "\n")
+        f.write(
+            "\n".join(lines) + "\n\n" + note + "\n\n" + per_class + _selection_table(selection, chosen, factors) + "\n"
+        )
     return os.path.join(output_dir, "results.md")
+
+
+def _per_class_table(cells: dict[tuple, list], root: Callable, class_names: list[str]) -> str:
+    """Mean test Dice of each class (over test cases, then seeds) per encoder, strategy and budget; "" for one
+    class."""
+    means = {key: [dice_per_class(os.path.join(root(r), TEST)) for r in runs] for key, runs in cells.items()}
+    names = next((list(next(iter(m[0].values()))) for m in means.values() if m and m[0]), [])
+    if len(names) < 2:
+        return ""
+    lines = [
+        "| encoder | strategy | budget | " + " | ".join(names) + " |",
+        "| --- | --- | --- |" + " --- |" * len(names),
+    ]
+    for (encoder, strategy, budget), runs in sorted(means.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
+        per_seed = [{n: statistics.fmean(case[n] for case in run.values()) for n in names} for run in runs]
+        values = [f"{statistics.fmean(seed[n] for seed in per_seed):.3f}" for n in names]
+        lines.append(f"| {encoder} | {strategy} | {budget} | " + " | ".join(values) + " |")
+    return "Test Dice per class (mean over test cases, then seeds).\n\n" + "\n".join(lines) + "\n\n"
 
 
 def _selection_table(selection: dict, chosen: dict[str, str], factors: dict) -> str:

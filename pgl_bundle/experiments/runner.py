@@ -29,6 +29,7 @@ __all__ = [
     "best_validation_dice",
     "checkpoints_by_iteration",
     "dice_per_case",
+    "dice_per_class",
     "extract_encoder",
     "pretrain",
     "run_all",
@@ -91,6 +92,14 @@ def dice_per_case(eval_dir: str) -> list[tuple[str, float]]:
     with open(os.path.join(eval_dir, "val_mean_dice_raw.csv")) as f:
         rows = list(csv.reader(f))
     return [(row[0], float(row[-1])) for row in rows[1:]]
+
+
+def dice_per_class(eval_dir: str) -> dict[str, dict[str, float]]:
+    """Per case, the Dice of each class (``val_mean_dice_raw.csv``'s columns but the file name and the mean; named by
+    the evaluation's ``label_names`` where it logged them as ``class0``, ...)."""
+    with open(os.path.join(eval_dir, "val_mean_dice_raw.csv")) as f:
+        rows = list(csv.DictReader(f))
+    return {row["filename"]: {k: float(v) for k, v in row.items() if k not in ("filename", "mean")} for row in rows}
 
 
 def best_validation_dice(bundle_root: str) -> float:

@@ -9,6 +9,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
+from monai.transforms import RandFlipd
 from pgl_bundle.datasets import openkbp
 from pgl_bundle.datasets.openkbp import (
     GRID,
@@ -19,6 +21,7 @@ from pgl_bundle.datasets.openkbp import (
     to_ras,
 )
 from pgl_bundle.errors import BadInputError, OutputExistsError
+from pgl_bundle.experiments.presets import PRESETS
 
 # organ centres in OpenKBP's array order (anterior->posterior, right->left, superior->inferior)
 CENTRES = {
@@ -110,3 +113,11 @@ def test_a_copy_without_the_split_patients_is_refused_unless_partial(shared_data
     assert values.min() == -1024 and 1000 < values.max() < 3100  # HU: air to bone
     assert set(np.unique(np.asarray(label.dataobj))) == {0, 1, 2, 3, 4, 5}
     assert anatomy_problems(np.asarray(label.dataobj), label.affine) == []
+
+
+def test_fine_tuning_without_left_right_flips(repo_root):
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "configs" / "train.json"))
+    parser["flip_axes"] = PRESETS["openkbp"]["finetune"]["flip_axes"]
+    flips = [t for t in parser.get_parsed_content("train#augmentation_transforms") if isinstance(t, RandFlipd)]
+    assert sorted(t.flipper.spatial_axis for t in flips) == [1, 2]  # axis 0 of RAS is left-right

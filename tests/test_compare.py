@@ -12,7 +12,15 @@ import sys
 
 import pytest
 from monai.bundle import ConfigWorkflow
-from pgl_bundle.experiments.compare import Run, compare, curve_runs, pretraining_volumes, probe_runs, select
+from pgl_bundle.experiments.compare import (
+    Run,
+    compare,
+    curve_runs,
+    pretraining_volumes,
+    probe_runs,
+    select,
+    stretched,
+)
 from pgl_bundle.experiments.encoder_choice import best_iterations
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
 from pgl_bundle.experiments.report import write_report
@@ -96,13 +104,18 @@ def test_openkbp_compares_every_encoder_with_pgls_recipe_and_each_at_its_own_bes
     monkeypatch.setattr(module, "choose_iterations", lambda *args: {"pgl": 1500, "byol": 500})
     compare(str(dataset), output_dir=str(tmp_path / "out"), preset="openkbp", unlabelled=[str(dataset)])
     assert {r.encoder for r in stages["selection"]} == {"random", "pgl1500", "byol500"}
-    same_recipe = [r for r in stages["curve"] if (r.strategy, r.scale) == ("joint", 0.1)]
+    lengths = [r for r in stages["curve"] if r.iterations]
+    assert sorted({(r.encoder, r.strategy, r.budget, r.iterations) for r in lengths}) == [
+        (e, "joint", 5, n) for e in ("byol500", "pgl1500", "random") for n in (100, 200, 600)
+    ]
+    assert len(lengths) == 9 * 3 and stages["curve"][-len(lengths) :] == lengths  # every seed, after the curve
+    same_recipe = [r for r in stages["curve"] if (r.strategy, r.scale) == ("joint", 0.1) and not r.iterations]
     assert sorted({(r.encoder, r.budget) for r in same_recipe}) == [
         (e, b) for e in ("byol500", "pgl1500", "random") for b in (2, 5, 10, 20)
     ]
     assert len(same_recipe) == 12 * 3  # every seed
     # best against best: random at its own selected recipe, at the selection budget, every seed
-    own = [r for r in stages["curve"] if r not in same_recipe]
+    own = [r for r in stages["curve"] if r not in same_recipe and not r.iterations]
     assert sorted((r.encoder, r.strategy, r.scale, r.budget, r.seed) for r in own) == [
         ("random", "lp-ft", 0.1, 5, seed) for seed in (0, 1, 2)
     ]
@@ -170,6 +183,12 @@ def test_curve_gives_each_encoder_its_methods_choice_and_byol_pgls():
         ("random", "lp-ft", 0.3, 5),
     ]
     assert len(runs) == 2 * len(cells)  # every seed
+
+
+def test_a_stretched_schedule_keeps_the_recipes_proportions():
+    schedule = {"num_iterations": 300, "val_interval": 100, "warmup_iterations": 20}
+    assert stretched(schedule, 600) == {"num_iterations": 600, "val_interval": 200, "warmup_iterations": 40}
+    assert strategy_overrides("lp-ft", {**schedule, **stretched(schedule, 150)})["linear_probe_iterations"] == 50
 
 
 def test_strategies_resolve_their_phases_from_the_validation_schedule():

@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pgl_bundle.data import load_datalist
 from pgl_bundle.experiments.encoder_choice import choose_iterations
@@ -52,20 +52,31 @@ from pgl_bundle.experiments.runner import (
 )
 from pgl_bundle.transfer import PLAN_DEFAULTS
 
-__all__ = ["Run", "best_against_best", "compare", "curve_runs", "pretraining_volumes", "probe_runs", "select"]
+__all__ = [
+    "Run",
+    "best_against_best",
+    "compare",
+    "curve_runs",
+    "pretraining_volumes",
+    "probe_runs",
+    "select",
+    "stretched",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tuning: an encoder (``random``, ``pgl375``, ...), a strategy and encoder factor, a budget, a seed."""
+    """One fine-tuning: an encoder (``random``, ``pgl375``, ...), a strategy and encoder factor, a budget, a seed,
+    and the schedule's length (0: the preset's; else the preset's schedule stretched to that many iterations)."""
 
     encoder: str
     strategy: str
     scale: float
     budget: int
     seed: int
+    iterations: int = 0
 
     @property
     def method(self) -> str:
@@ -74,7 +85,19 @@ class Run:
 
     @property
     def slug(self) -> str:
-        return f"{self.encoder}_{self.strategy}_x{self.scale:g}_n{self.budget}_seed{self.seed}"
+        length = f"_it{self.iterations}" if self.iterations else ""
+        return f"{self.encoder}_{self.strategy}_x{self.scale:g}_n{self.budget}_seed{self.seed}{length}"
+
+
+def stretched(finetune: dict, iterations: int) -> dict:
+    """The fine-tuning schedule of ``finetune`` stretched to ``iterations``: validation interval and warm-up in the
+    same proportion (so a strategy's phases, resolved from the validation interval, keep their share)."""
+    factor = iterations / finetune["num_iterations"]
+    return {
+        "num_iterations": iterations,
+        "val_interval": max(1, round(finetune["val_interval"] * factor)),
+        "warmup_iterations": round(finetune.get("warmup_iterations", 0) * factor),
+    }
 
 
 def select(scores: dict[Run, float]) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
@@ -163,6 +186,12 @@ def best_against_best(
         if _method(encoder) in chosen
         for seed in seeds
     ]
+
+
+def _recipe(run: Run, chosen: dict[str, str], factors: dict[tuple[str, str], float], recipe_of: str) -> tuple:
+    """The (strategy, factor) the curve gives ``run``'s encoder."""
+    method = recipe_of or _selecting_method(run.encoder)
+    return (chosen[method], factors[method, chosen[method]]) if method in chosen else ()
 
 
 def _method(encoder: str) -> str:
@@ -271,8 +300,9 @@ def compare(
 
     def overrides(run: Run) -> dict:
         # overwrite: an interrupted fine-tuning stage starts afresh (its old model is moved aside, not lost)
-        values = {**finetune, "num_train_cases": run.budget, "seed": run.seed, "overwrite": True}
-        values.update(strategy_overrides(run.strategy, finetune), encoder_lr_scale=run.scale)
+        schedule = {**finetune, **(stretched(finetune, run.iterations) if run.iterations else {})}
+        values = {**schedule, "num_train_cases": run.budget, "seed": run.seed, "overwrite": True}
+        values.update(strategy_overrides(run.strategy, schedule), encoder_lr_scale=run.scale)
         if run.encoder != "random":
             values["pretrained_encoder"] = encoder_file(run.encoder)
         return values
@@ -373,15 +403,33 @@ def compare(
             if r not in curve
         ]
     probes = probe_runs(curve, factors, seeds[0]) if settings.get("floor_probes", True) else []
+    # accuracy or speed: the curve's runs at one budget again with shorter and longer schedules
+    lengths = settings.get("schedule_lengths", {})
+    lengths = [
+        replace(r, iterations=n)
+        for r in curve
+        if r.budget == lengths.get("budget") and (r.strategy, r.scale) == _recipe(r, chosen, factors, recipe_of)
+        for n in lengths.get("iterations", [])
+        if n != settings["finetune"]["num_iterations"]
+    ]
     if not report_only:
         # each run tested as soon as it is trained; the selection's encoders first, seed by seed, the probes last: a
         # comparison stopped early has whole seeds of its main arms
-        runs = dict.fromkeys([*curve, *probes, *(selection_runs if test_selection else [])])
+        runs = dict.fromkeys([*curve, *probes, *lengths, *(selection_runs if test_selection else [])])
         order = {budget: i for i, budget in enumerate(budgets)}
         tested = sorted(
-            runs, key=lambda r: (r in probes, r.encoder not in selection_encoders, r.seed, order.get(r.budget, -1))
+            runs,
+            key=lambda r: (
+                r in lengths,
+                r in probes,
+                r.encoder not in selection_encoders,
+                r.seed,
+                order.get(r.budget, -1),
+            ),
         )
         run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")
-    return write_report(output_dir, scores, curve, probes, root, factors, chosen, finetune["label_names"][1:])
+    return write_report(
+        output_dir, scores, curve, [*probes, *lengths], root, factors, chosen, finetune["label_names"][1:]
+    )

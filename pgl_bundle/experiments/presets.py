@@ -132,6 +132,8 @@ PRESETS: dict[str, dict] = {
         "curve_encoders": ["random", "pgl", "byol"],
         "same_recipe": "pgl",  # every encoder with PGL's selected strategy and factor; each at its own at 5 patients
         "floor_probes": False,  # the encoders' probes: the validation probes that chose their iterations
+        # accuracy or only speed: every arm at 5 patients, its schedule stretched to 100, 200 and 600 iterations
+        "schedule_lengths": {"budget": 5, "iterations": [100, 200, 300, 600]},
         "budgets": [5, 20, 2, 10],
         "seeds": [0, 1, 2],
         "num_val_cases": 10,

@@ -85,7 +85,8 @@ def write_report(
 
     cells: dict[tuple, list] = {}
     for r in runs:
-        cells.setdefault((r.encoder, r.strategy, r.budget), []).append(r)
+        strategy = f"{r.strategy}, {r.iterations} it" if r.iterations else r.strategy  # a stretched schedule apart
+        cells.setdefault((r.encoder, strategy, r.budget), []).append(r)
     lines = [
         "| encoder | strategy (encoder lr factor) | budget | seeds | test Dice | per seed | probe Dice "
         "| fine-tuned - probe | vs random, same strategy | vs random, its selected strategy | vs BYOL, same strategy |",

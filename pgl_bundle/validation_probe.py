@@ -4,7 +4,7 @@ Every ``interval`` iterations, :class:`ValidationProbe` runs the online encoder,
 ``torch.no_grad()``: its weights and BatchNorm statistics are untouched), on fixed label-balanced crops of a few
 labelled cases, trains a fresh :class:`~pgl_bundle.networks.DenseProbeHead` (the head of ``configs/probe.json``'s dense
 probe) on the features of the training cases' crops, and scores it on the validation cases' crops: Dice per case over
-its crops' voxels, mean over the foreground classes (``monai.metrics.DiceMetric``), then over cases. The encoder's
+its crops' voxels, mean over the foreground classes (``monai.metrics.compute_dice``), then over cases. The encoder's
 features of the training crops are computed once per probe and the head trains on them, so a probe costs one encoder
 forward per crop, not one per head iteration. The crops are drawn once, with their own seed: every probe of a run sees
 the same voxels.
@@ -34,7 +34,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers.tensorboard_handlers import TensorBoardHandler
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from pgl_bundle.collapse import collapse_signal
 from pgl_bundle.networks.probe import DenseProbeHead
@@ -160,16 +160,21 @@ class ValidationProbe(TensorBoardHandler):
             self.encoder.train(training)
 
     def _score(self, head: DenseProbeHead, size: list[int]) -> float:
-        """Mean over validation cases of the Dice over each case's crops (foreground classes averaged)."""
-        metric = DiceMetric(include_background=False, reduction="mean")
+        """Mean over validation cases of the Dice over each case's crops (foreground classes averaged).
+
+        ``compute_dice``, not ``DiceMetric``: the metric's ``aggregate`` all-gathers across processes, which would wait
+        forever for the ranks that do not probe.
+        """
+        dice = []
         for crops in self.crops["val"]:
             images, labels = (torch.stack(t) for t in zip(*crops))
             logits = head(self._features(images), size)
             prediction = one_hot(logits.argmax(1, keepdim=True), self.num_classes)
             truth = one_hot(labels.to(logits.device).long(), self.num_classes)
             # the crops side by side along x: one Dice over all the case's voxels
-            metric(torch.cat(list(prediction), 1)[None], torch.cat(list(truth), 1)[None])
-        return metric.aggregate().item()
+            case = compute_dice(torch.cat(list(prediction), 1)[None], torch.cat(list(truth), 1)[None], False)
+            dice.append(case.nanmean())
+        return torch.stack(dice).nanmean().item()
 
     def __call__(self, engine: Engine) -> None:
         iteration, started = engine.state.iteration, time.perf_counter()

@@ -28,6 +28,16 @@ def synthetic(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("synthetic")), 8, shape=(64, 64, 24))
 
 
+# the dense probe during pretraining, on rank 0, every 4 iterations
+PROBE = {
+    "probe_every_n_iterations": 4,
+    "probe_num_train_cases": 2,
+    "probe_num_val_cases": 2,
+    "probe_crops_per_case": 1,
+    "probe_iterations": 5,
+}
+
+
 def torchrun(repo_root, tmp_path, configs: list[str], overrides: dict) -> tuple[str, dict, dict]:
     """Run ``configs`` plus a dump of every rank's ``network_def`` weights with 2 processes; return the log and both."""
     dump = tmp_path / "dump.json"
@@ -80,7 +90,7 @@ def test_pretraining_ranks_share_online_and_target_weights(repo_root, tmp_path, 
         repo_root,
         tmp_path,
         ["configs/pretrain.json", "configs/multi_gpu_pretrain.json"],
-        {**TINY_PRETRAIN, "dataset_dir": synthetic, "max_epochs": 2},
+        {**TINY_PRETRAIN, "dataset_dir": synthetic, "max_epochs": 2, "probe_dataset": synthetic, **PROBE},
     )
     parameters = {k for k in rank0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     assert any(k.startswith("online.") for k in parameters) and any(k.startswith("target.") for k in parameters)
@@ -95,6 +105,10 @@ def test_pretraining_ranks_share_online_and_target_weights(repo_root, tmp_path, 
     assert final["trainer"]["iteration"] == 8  # 8 volumes over 2 ranks, batch 1, 2 epochs
     assert len(list((tmp_path / "bundle" / "eval" / "pretrain").iterdir())) == 1  # rank 0 alone writes TensorBoard
     assert log.count("train_loss:") == 8  # and logs
+    # and probes, with no collective for the other rank to wait for in vain
+    assert log.count("probe: validation Dice") == 2
+    record = (tmp_path / "bundle" / "models" / "probe.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in record] == ["iteration", "4", "8"]
 
 
 def test_finetuning_ranks_share_weights(repo_root, tmp_path, synthetic):

@@ -53,7 +53,7 @@ class ValidationProbe(TensorBoardHandler):
 
     Args:
         encoder: the online :class:`~pgl_bundle.networks.PGLResNetEncoder`.
-        projector_path: the online branch (encoder and projector), whose output's collapse signal is recorded.
+        online: the online branch (encoder and projector), whose output's collapse signal is recorded.
         train_data, val_data: datasets whose items are lists of crops ``{"image": (1, x, y, z), "label": (1, x, y,
             z)}`` (``RandCropByLabelClassesd`` output), one item per case.
         num_classes: classes of the labels, background included.
@@ -72,7 +72,7 @@ class ValidationProbe(TensorBoardHandler):
     def __init__(
         self,
         encoder: torch.nn.Module,
-        projector_path: torch.nn.Module,
+        online: torch.nn.Module,
         train_data: Sequence[list[Mapping]],
         val_data: Sequence[list[Mapping]],
         num_classes: int,
@@ -89,7 +89,7 @@ class ValidationProbe(TensorBoardHandler):
         if interval < 1:
             raise ValueError(f"ValidationProbe: interval must be a positive number of iterations, got {interval}.")
         super().__init__(summary_writer=summary_writer)
-        self.encoder, self.projector_path = encoder, projector_path
+        self.encoder, self.online = encoder, online
         self.train_data, self.val_data, self.num_classes = train_data, val_data, num_classes
         self.interval, self.iterations, self.learning_rate, self.seed = interval, iterations, learning_rate, seed
         self.csv_path, self.best_weights, self.plan, self.record = csv_path, best_weights, plan, record
@@ -99,7 +99,7 @@ class ValidationProbe(TensorBoardHandler):
         self.projections: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
-        self.projector_path.register_forward_hook(self._keep)
+        self.online.register_forward_hook(self._keep)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
 
     def _keep(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:

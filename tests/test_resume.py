@@ -21,14 +21,14 @@ from pgl_bundle.distributed import reseed
 from tiny import TINY_PRETRAIN
 
 # 8 volumes, batch 1: 8 iterations per epoch, 24 in all; checkpoints at iterations 5, 10, 15, 20 and epochs 1, 2, 3;
-# the dense probe (on the phantoms' labels) at iterations 4, 8, ..., 24
+# the dense probe (on the phantoms' labels) at iterations 6, 12, 18, 24
 RUN = {
     **TINY_PRETRAIN,
     "num_workers": 0,
     "batch_size": 1,
     "max_epochs": 3,
     "checkpoint_every_n_iterations": 5,
-    "probe_every_n_iterations": 4,
+    "probe_every_n_iterations": 6,
     "probe_num_train_cases": 2,
     "probe_num_val_cases": 2,
     "probe_crops_per_case": 2,
@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_the_same_state(repo_root, tmp_path):
     models = {root: root / "models" for root in (killed_root, full_root)}
     record = (models[full_root] / "probe.csv").read_text()
     assert (models[killed_root] / "probe.csv").read_text() == record
-    assert [line.split(",")[0] for line in record.splitlines()] == ["iteration", "4", "8", "12", "16", "20", "24"]
+    assert [line.split(",")[0] for line in record.splitlines()] == ["iteration", "6", "12", "18", "24"]
     plans = {root: json.loads((m / "pretrained_encoder_best.json").read_text()) for root, m in models.items()}
     best = {k: plans[full_root]["pretraining"][k] for k in ("iteration", "val_dice")}
     assert {k: plans[killed_root]["pretraining"][k] for k in best} == best

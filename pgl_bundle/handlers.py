@@ -65,9 +65,9 @@ class _SafeDiskSaver(DiskSaver):
     def _check_and_setup(dirname, create_dir: bool, require_empty: bool) -> None:
         """Nothing to set up before the first save (ignite's creates ``dirname``)."""
 
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
+    def __init__(self, dirname: str, filename: str | None = None, then: str = "") -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
-        self.filename = filename
+        self.filename, self.then = filename, then
         self._to_remove: list[str] = []
         self.last_saved: str | None = None
 
@@ -92,7 +92,7 @@ class _SafeDiskSaver(DiskSaver):
                     f"disk full: {path}: saving the checkpoint failed ({full.strerror or full}); {size_text(free)} "
                     f"free on that disk. Nothing was left half-written. Last good checkpoint here: "
                     f"{self.last_saved or 'none yet'}. Free some space (or set --ckpt_dir to another disk), then "
-                    "continue with --resume_from latest.",
+                    f"{self.then}.",
                 ) from e
             raise
         os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)  # as ignite's atomic save does
@@ -121,10 +121,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
     - The final checkpoint is a hard link to the last interval checkpoint when that holds the same trainer iteration
       (the usual end of a run: the last epoch's checkpoint), so the state is on disk once.
 
-    Same arguments as ``CheckpointSaver``.
+    Same arguments as ``CheckpointSaver``, and ``then``: what the full-disk message tells the user to do once space
+    is freed (a stage without resume says how to start again).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, then: str = "continue with --resume_from latest", **kwargs) -> None:
         save_dir = os.path.abspath(kwargs["save_dir"] if "save_dir" in kwargs else args[0])
         missing = []  # the folders of save_dir's path that do not exist yet, deepest first
         while not os.path.exists(save_dir):
@@ -137,7 +138,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self._last_interval: tuple[int, str] | None = None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler = _SafeDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+                checkpoint.save_handler = _SafeDiskSaver(self.save_dir, checkpoint.save_handler.filename, then)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)

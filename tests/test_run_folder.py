@@ -481,5 +481,6 @@ def test_a_disk_that_fills_during_fine_tuning_ends_with_the_error_line(repo_root
     lines = result.stdout.strip().splitlines()
     assert result.returncode != 0
     assert lines[-1].startswith(f"ERROR: DiskSpaceError: disk full: {tmp_path}/models/model.pt: saving"), lines[-5:]
+    assert lines[-1].endswith("then run again with --overwrite True (this run's outputs are moved aside).")
     assert "validation" in result.stdout  # the progress bar was drawn, before the error
     assert ("Traceback" in result.stdout) == (debug == "1"), result.stdout[-3000:]

@@ -69,6 +69,16 @@ def test_a_collapsed_network_gives_zero_and_a_warning(collapsed, caplog):
     assert "iteration 2: collapse signal: channel std" in caplog.text
 
 
+# the dense probe during pretraining, every 2 iterations, on one case of the phantoms' labels and scored on the other
+PROBE = {
+    "probe_every_n_iterations": 2,
+    "probe_num_train_cases": 1,
+    "probe_num_val_cases": 1,
+    "probe_crops_per_case": 1,
+    "probe_iterations": 3,
+}
+
+
 def _train(root, dataset, folder, monitoring: bool):
     """A tiny pretraining run; its losses, final network weights and the global random states after it."""
     parser = ConfigParser()
@@ -84,6 +94,7 @@ def _train(root, dataset, folder, monitoring: bool):
             "dataset_dir": dataset,
             "device": "$torch.device('cpu')",
             "view_images_every_n_iterations": 2 if monitoring else 0,
+            **({"probe_dataset": dataset, **PROBE} if monitoring else {}),
         }
     )
     if not monitoring:
@@ -99,7 +110,8 @@ def _train(root, dataset, folder, monitoring: bool):
 
 
 def test_monitoring_leaves_training_unchanged(repo_root, tmp_path):
-    """Collapse signal and TensorBoard pictures on, against both off: the same losses, weights and random state."""
+    """Collapse signal, TensorBoard pictures and the probe on, against all off: the same losses, weights and random
+    state."""
     dataset = make_synthetic_dataset(str(tmp_path / "data"), 2, shape=(48, 48, 24))
     losses_on, weights_on, random_on = _train(repo_root, dataset, tmp_path, monitoring=True)
     losses_off, weights_off, random_off = _train(repo_root, dataset, tmp_path, monitoring=False)
@@ -111,3 +123,4 @@ def test_monitoring_leaves_training_unchanged(repo_root, tmp_path):
     (events,) = (tmp_path / "on" / "eval" / "pretrain").rglob("events.out.tfevents.*")
     logged = EventAccumulator(str(events)).Reload().Tags()
     assert "views" in logged["images"] and "collapse/channel_std" in logged["scalars"]
+    assert "probe/val_dice" in logged["scalars"]

@@ -81,7 +81,7 @@ class ValidationProbe(TensorBoardHandler):
         best_weights: str,
         plan: Mapping,
         record: Mapping,
-        iterations: int = 100,
+        iterations: int = 50,
         learning_rate: float = 0.01,
         seed: int = 0,
         summary_writer=None,

@@ -235,15 +235,16 @@ def _write_test(folder, dice: float, cases=("case0", "case1", "case2")):
 
 def test_report_compares_an_arm_with_the_same_seeds_of_random(tmp_path):
     cases = [f"case{i}" for i in range(6)]
-    dice = {("random", 0): 0.30, ("random", 1): 0.90, ("pgl375", 0): 0.40}  # random's seed 1 far above
+    dice = {("random", 0): 0.30, ("random", 1): 0.90, ("pgl375", 0): 0.40, ("byol375", 0): 0.35}  # random 1 far above
     runs = [Run(encoder, "joint", 1.0, 5, seed) for encoder, seed in dice]
     for run in runs:
         _write_test(tmp_path / run.slug / "eval", dice[run.encoder, run.seed], cases)
     factors, chosen = {("random", "joint"): 1.0, ("pgl", "joint"): 1.0}, {"random": "joint", "pgl": "joint"}
     results = write_report(str(tmp_path), {}, runs, [], lambda run: str(tmp_path / run.slug), factors, chosen)
     row = next(line for line in open(results) if line.startswith("| pgl375 "))
-    # pgl375 seed 0 - random seed 0 = +0.100 on every case; with random's seed 1 averaged in it would be -0.200
-    assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] |")
+    # pgl375 seed 0 - random seed 0 = +0.100 on every case; with random's seed 1 averaged in it would be -0.200; and
+    # PGL - BYOL, same strategy
+    assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | +0.050 [+0.050, +0.050] |")
 
 
 def test_an_encoder_without_a_probe_phase_gets_an_lp_ft_run_whose_probe_the_table_shows(tmp_path):

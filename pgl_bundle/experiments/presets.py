@@ -37,6 +37,16 @@ STRATEGIES: dict[str, dict] = {
 PRETRAINED_ONLY = {"lp-ft-frozen-bn"}  # a random encoder has no pretrained statistics to keep
 
 _CPU_MODEL = {"encoder_layers": [1, 1, 1, 1], "encoder_block": "bottleneck", "encoder_width": [32, 64, 128, 256]}
+_CPU_PRETRAIN = {"patch_size": [64, 64, 16], "hidden_channels": 1024, "batch_size": 4, "learning_rate": 0.001}
+_CPU_FINETUNE = {
+    "patch_size": [64, 64, 32],
+    "batch_size": 2,
+    "num_samples": 2,
+    "num_iterations": 300,
+    "val_interval": 100,
+    "warmup_iterations": 20,
+    "learning_rate": 3e-4,
+}
 _RESNET50 = {"encoder_layers": [3, 4, 6, 3], "encoder_block": "bottleneck", "encoder_width": [64, 128, 256, 512]}
 
 # Timings of each preset: docs/results.md.
@@ -72,23 +82,9 @@ PRESETS: dict[str, dict] = {
     # 2 CPU cores, about 12 hours of wall time, two stages at a time (docs/results.md)
     "cpu": {
         "model": _CPU_MODEL,
-        "pretrain": {
-            "patch_size": [64, 64, 16],
-            "hidden_channels": 1024,
-            "batch_size": 4,
-            "learning_rate": 0.001,
-            "volume_repeats": 4,  # about 15 volumes x 4 / 4: 15 batches per epoch
-        },
+        "pretrain": {**_CPU_PRETRAIN, "volume_repeats": 4},  # about 15 volumes x 4 / 4: 15 batches per epoch
         "encoders": {"pgl": [375, 1000], "byol": [375]},
-        "finetune": {
-            "patch_size": [64, 64, 32],
-            "batch_size": 2,
-            "num_samples": 2,
-            "num_iterations": 300,
-            "val_interval": 100,
-            "warmup_iterations": 20,
-            "learning_rate": 3e-4,
-        },
+        "finetune": _CPU_FINETUNE,
         "strategies": list(STRATEGIES),
         "encoder_lr_scales": [0.1, 0.3, 1.0],
         # the factor is swept for joint fine-tuning and LP-FT; the other strategies are tried at 1.0
@@ -107,24 +103,11 @@ PRESETS: dict[str, dict] = {
     # and fine-tuning recipe, pretrained on about 160 CTs; every arm fine-tuned with the same recipe at every budget
     "openkbp": {
         "model": _CPU_MODEL,
-        "pretrain": {
-            "patch_size": [64, 64, 16],
-            "hidden_channels": 1024,
-            "batch_size": 4,
-            "learning_rate": 0.001,
-        },
+        "pretrain": _CPU_PRETRAIN,
         # the encoder's iteration is chosen among these by the dense probe on the validation patients
         "encoders": {"pgl": [500, 1000, 1500, 2000], "byol": [500, 1000, 1500, 2000]},
-        "finetune": {
-            "patch_size": [64, 64, 32],
-            "batch_size": 2,
-            "num_samples": 2,
-            "num_iterations": 300,
-            "val_interval": 100,
-            "warmup_iterations": 20,
-            "learning_rate": 3e-4,
-            "flip_axes": [1, 2],  # no left-right mirroring: it would turn a left parotid into a right one
-        },
+        # no left-right mirroring: it would turn a left parotid into a right one
+        "finetune": {**_CPU_FINETUNE, "flip_axes": [1, 2]},
         "label_names": ["background", "brainstem", "spinal_cord", "left_parotid", "right_parotid", "mandible"],
         "strategies": ["joint", "lp-ft"],
         "encoder_lr_scales": [0.1, 1.0],

@@ -12,6 +12,8 @@ interrupted comparison resumes where it stopped):
 
 1. pretrain PGL and BYOL once each, on the same schedule, keeping a full checkpoint at every iteration an encoder is
    taken from; each encoder (``pgl375``: PGL at iteration 375) is written as an encoder file with its adaptation plan;
+   where the preset names a method alone (``pgl``), its encoder is the candidate iteration whose dense probe scores
+   best on the validation cases (:mod:`.encoder_choice`, ``encoder_choice.csv``);
 2. selection, on the first seed and the selection budget only: fine-tune every selection encoder with every
    transfer strategy (:data:`STRATEGIES`: keys of ``configs/train.json``) at every encoder learning-rate factor;
    per encoder, keep the strategy and factor with the best validation Dice (``selection.csv``); no test case is
@@ -19,12 +21,15 @@ interrupted comparison resumes where it stopped):
 3. the label-budget curve: every encoder (or those of ``encoders``), at its budgets and every seed, with its method's
    selected strategy (and the ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection; where
    an encoder's strategies have no linear-probe phase, one LP-FT run per budget (first seed) gives it a probe
-   (:func:`probe_runs`);
+   (:func:`probe_runs`); with the preset's ``same_recipe`` (``openkbp``), every encoder, random included, takes that
+   method's strategy and factor (recipe for recipe), and each also runs at its own selected recipe at the selection
+   budget (best against best); ``schedule_lengths`` reruns the curve's recipe at one budget with stretched schedules;
 4. test every run of step 3 (with ``test_selection``, of step 2 too) with ``configs/evaluate.json``, whose sliding
    window is inference's; a run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out,
    the floor of its fine-tuning);
 5. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
-   x strategy x budget, mean test Dice over seeds, paired bootstrap interval against random) and ``results.png``.
+   x strategy x budget, mean test Dice over seeds, paired bootstrap intervals against random and BYOL; Dice per class)
+   and ``results.png``.
 """
 
 from __future__ import annotations

@@ -126,6 +126,8 @@ def test_encoders_are_written_with_their_adaptation_plan(tiny_comparison):
     encoder = output_dir / "pretrain" / "pgl" / "encoders" / "iteration_1.pt"
     plan = json.loads(encoder.with_suffix(".json").read_text())
     assert plan["encoder_width"] == PRESETS["tiny"]["model"]["encoder_width"] and plan["patch_size"] == [64, 64, 16]
+    # where it came from: the pretraining run's record, at the encoder's own iteration
+    assert plan["pretraining"]["iteration"] == 1 and plan["pretraining"]["data"]["num_volumes"] == 3
     assert (
         f"--pretrained_encoder {encoder}"
         in (output_dir / "finetune" / "pgl1_lp-ft_x1_n2_seed0" / "log.txt").read_text()

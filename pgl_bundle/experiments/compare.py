@@ -55,7 +55,8 @@ from pgl_bundle.experiments.runner import (
     run_bundle,
     write_datalist,
 )
-from pgl_bundle.transfer import PLAN_DEFAULTS
+from pgl_bundle.provenance import encoder_plan
+from pgl_bundle.transfer import PLAN_DEFAULTS, read_plan
 
 __all__ = [
     "Run",
@@ -296,8 +297,12 @@ def compare(
             {**common, **settings["pretrain"]},
             threads,
         )
+        # the run's provenance (pgl_bundle.provenance), at each encoder's own iteration
+        final = read_plan(os.path.join(output_dir, "pretrain", method, "models", "pretrained_encoder.pt")) or {}
         for iteration in settings["encoders"].get(method, []):
-            extract_encoder(found[iteration], encoder_file(f"{method}{iteration}"), plan)
+            record = final.get("pretraining")
+            own = encoder_plan(plan, record, iteration) if record else plan
+            extract_encoder(found[iteration], encoder_file(f"{method}{iteration}"), own)
         timings[f"pretrain/{method}"] = time.time() - start
 
     def root(run: Run) -> str:

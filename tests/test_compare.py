@@ -25,6 +25,7 @@ from pgl_bundle.experiments.encoder_choice import best_iterations
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
 from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import best_validation_dice
+from pgl_bundle.transfer import PLAN_DEFAULTS, write_plan
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,9 @@ def test_openkbp_compares_every_encoder_with_pgls_recipe_and_each_at_its_own_bes
         (e, b) for e in ("byol500", "pgl1500", "random") for b in (2, 5, 10, 20)
     ]
     assert len(same_recipe) == 12 * 3  # every seed
+    # every seed at 5 and 20 patients before any run at 2 or 10
+    first = [r.budget in (5, 20) for r in stages["curve"] if not r.iterations]
+    assert first == sorted(first, reverse=True) and {r.seed for r in stages["curve"] if r.budget == 20} == {0, 1, 2}
     # best against best: random at its own selected recipe, at the selection budget, every seed
     own = [r for r in stages["curve"] if r not in same_recipe and not r.iterations]
     assert sorted((r.encoder, r.strategy, r.scale, r.budget, r.seed) for r in own) == [
@@ -238,6 +242,7 @@ def _write_test(folder, dice: float, cases=("case0", "case1", "case2")):
 def test_report_compares_an_arm_with_the_same_seeds_of_random(tmp_path):
     cases = [f"case{i}" for i in range(6)]
     dice = {("random", 0): 0.30, ("random", 1): 0.90, ("pgl375", 0): 0.40, ("byol375", 0): 0.35}  # random 1 far above
+    dice |= {("pgl-openkbp", 0): 0.45, ("byol-openkbp", 0): 0.50}  # encoders pretrained elsewhere
     runs = [Run(encoder, "joint", 1.0, 5, seed) for encoder, seed in dice]
     for run in runs:
         _write_test(tmp_path / run.slug / "eval", dice[run.encoder, run.seed], cases)
@@ -247,6 +252,9 @@ def test_report_compares_an_arm_with_the_same_seeds_of_random(tmp_path):
     # pgl375 seed 0 - random seed 0 = +0.100 on every case; with random's seed 1 averaged in it would be -0.200; and
     # PGL - BYOL, same strategy
     assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | +0.050 [+0.050, +0.050] |")
+    # an external PGL encoder is set against the BYOL of the same pretraining
+    row = next(line for line in open(results) if line.startswith("| pgl-openkbp "))
+    assert row.rstrip().endswith("| +0.150 [+0.150, +0.150] | +0.150 [+0.150, +0.150] | -0.050 [-0.050, -0.050] |")
 
 
 def test_an_encoder_without_a_probe_phase_gets_an_lp_ft_run_whose_probe_the_table_shows(tmp_path):
@@ -271,20 +279,77 @@ def test_an_encoder_without_a_probe_phase_gets_an_lp_ft_run_whose_probe_the_tabl
     assert any(line.startswith("| pgl1000 | lp-ft (x0.3) | 5 | 1 | 0.390 |") for line in open(results))
 
 
-def test_the_comparison_runs_and_pretrains_only_the_encoders_asked_for(shared_data, tmp_path, monkeypatch):
+def _record_stages(monkeypatch, chosen_iterations=None):
+    """Replace compare's stage runner with a recorder (no stage runs; every score 0.5); return ``{stage: jobs}``."""
     stages = {}
 
-    def record(function, jobs, parallel, desc):  # the stages' jobs, none of them run
+    def record(function, jobs, parallel, desc):
         stages[desc] = [job[0] for job in jobs]
         return [0.5] * len(jobs)
 
-    monkeypatch.setattr(sys.modules["pgl_bundle.experiments.compare"], "run_all", record)
-    kwargs = {"labelled": str(shared_data / "sts"), "output_dir": str(tmp_path), "preset": "cpu"}
-    compare(encoders=["random", "pgl1000"], **kwargs)
+    module = sys.modules["pgl_bundle.experiments.compare"]
+    monkeypatch.setattr(module, "run_all", record)
+    if chosen_iterations:
+        monkeypatch.setattr(module, "choose_iterations", lambda *args: chosen_iterations)
+    return stages
+
+
+def test_the_comparison_runs_and_pretrains_only_the_encoders_asked_for(shared_data, tmp_path, monkeypatch):
+    stages = _record_stages(monkeypatch)
+    kwargs = {"labelled": str(shared_data / "sts"), "output_dir": str(tmp_path), "preset": "gpu-10min"}
+    compare(encoders=["random", "pgl150"], **kwargs)
     assert stages["pretrain"] == ["pgl"]  # BYOL's encoder is not asked for
-    assert {r.encoder for r in stages["curve"]} == {"random", "pgl1000"}
-    # every score ties: joint is selected for both methods; their probes (LP-FT, seed 0, one per budget) come last
-    strategies = [r.strategy for r in stages["curve"]]
-    assert strategies == ["joint"] * (4 * 3 + 3) + ["lp-ft"] * (4 + 1)
+    assert {r.encoder for r in stages["curve"]} == {"random", "pgl150"}
     with pytest.raises(ValueError, match=r"unknown encoders \['pgl500'\]"):
         compare(encoders=["random", "pgl500"], **kwargs)
+
+
+def test_the_sarcoma_comparison_runs_both_strategies_for_every_arm_recipe_for_recipe(
+    shared_data, tmp_path, monkeypatch
+):
+    stages = _record_stages(monkeypatch, {"pgl": 375, "byol": 750})
+    compare(labelled=str(shared_data / "sts"), output_dir=str(tmp_path), preset="cpu")
+    assert stages["pretrain"] == ["pgl", "byol"]
+    assert sorted({(r.encoder, r.strategy, r.scale) for r in stages["selection"]}) == [
+        (e, s, x) for e in ("byol750", "pgl375", "random") for s in ("joint", "lp-ft") for x in (0.1, 1.0)
+    ]
+    # every score ties: PGL's factors are the smaller ones; every arm runs joint and LP-FT at them, BYOL at 5 cases
+    curve = stages["curve"]
+    assert {(r.strategy, r.scale) for r in curve} == {("joint", 0.1), ("lp-ft", 0.1)}
+    assert sorted({(r.encoder, r.budget) for r in curve}) == [("byol750", 5)] + [
+        (e, b) for e in ("pgl375", "random") for b in (1, 2, 5, 10)
+    ]
+    assert len(curve) == (2 * 4 + 1) * 2 * 3  # (arm, budget) x strategy x seed; no extra probe run is needed
+
+
+def _external_encoder(folder, plan):
+    encoder = folder / "iteration_2000.pt"
+    encoder.write_bytes(b"")
+    write_plan(encoder, plan)
+    return str(encoder)
+
+
+def test_an_encoder_pretrained_elsewhere_is_fine_tuned_with_pgls_recipe_at_its_budgets(
+    shared_data, tmp_path, monkeypatch
+):
+    stages = _record_stages(monkeypatch, {"pgl": 375, "byol": 750})
+    plan = {**PLAN_DEFAULTS, **PRESETS["cpu"]["model"]}
+    external = {"pgl-openkbp": _external_encoder(tmp_path, plan)}
+    kwargs = {"labelled": str(shared_data / "sts"), "output_dir": str(tmp_path / "out"), "preset": "cpu"}
+    compare(external_encoders=external, encoder_budgets={"pgl-openkbp": [2, 5]}, **kwargs)
+    assert stages["pretrain"] == ["pgl", "byol"]  # the external encoder is neither pretrained nor selected
+    assert "pgl-openkbp" not in {r.encoder for r in stages["selection"]}
+    assert sorted((r.strategy, r.scale, r.budget, r.seed) for r in stages["curve"] if r.encoder == "pgl-openkbp") == [
+        (s, 0.1, b, seed) for s in ("joint", "lp-ft") for b in (2, 5) for seed in (0, 1, 2)
+    ]
+
+
+def test_an_external_encoder_with_a_bad_name_file_or_plan_is_refused(shared_data, tmp_path):
+    kwargs = {"labelled": str(shared_data / "sts"), "output_dir": str(tmp_path / "out"), "preset": "cpu"}
+    other_model = _external_encoder(tmp_path, dict(PLAN_DEFAULTS))  # ResNet-50, not the cpu preset's model
+    with pytest.raises(ValueError, match="name it <pgl|byol>-<tag>"):
+        compare(external_encoders={"openkbp": other_model}, **kwargs)
+    with pytest.raises(FileNotFoundError, match="missing.pt: external encoder 'pgl-a' not found"):
+        compare(external_encoders={"pgl-a": str(tmp_path / "missing.pt")}, **kwargs)
+    with pytest.raises(ValueError, match=r"iteration_2000.pt: its plan differs from the preset's: encoder_layers"):
+        compare(external_encoders={"pgl-a": other_model}, **kwargs)

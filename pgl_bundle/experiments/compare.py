@@ -37,11 +37,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from pgl_bundle.data import load_datalist
+from pgl_bundle.errors import BadInputError, require_file
 from pgl_bundle.experiments.encoder_choice import choose_iterations
 from pgl_bundle.experiments.presets import PRESETS, PRETRAINED_ONLY, STRATEGIES, strategy_overrides
 from pgl_bundle.experiments.report import write_report
@@ -200,8 +202,23 @@ def _recipe(run: Run, chosen: dict[str, str], factors: dict[tuple[str, str], flo
     return (chosen[method], factors[method, chosen[method]]) if method in chosen else ()
 
 
+def _check_external(external: dict[str, str], plan: dict) -> None:
+    """Refuse an external encoder whose name is not ``<pgl|byol>-<tag>``, whose file or plan is missing, or whose
+    plan's model or preprocessing differs from ``plan`` (the preset's)."""
+    for name, path in external.items():
+        if not re.fullmatch("(pgl|byol)-[a-z0-9]+", name):
+            raise BadInputError(f"external encoder {name!r}: name it <pgl|byol>-<tag>, e.g. 'pgl-openkbp'.")
+        found = read_plan(require_file(path, f"external encoder {name!r}"))
+        if found is None:
+            raise BadInputError(f"{path}: no adaptation plan beside it (external encoder {name!r}).")
+        differ = [f"{k}: {found[k]} (preset: {plan[k]})" for k in PLAN_DEFAULTS if found[k] != plan[k]]
+        if differ:
+            raise BadInputError(f"{path}: its plan differs from the preset's: {'; '.join(differ)}.")
+
+
 def _method(encoder: str) -> str:
-    return encoder.rstrip("0123456789")
+    """``pgl`` of ``pgl375`` and of ``pgl-openkbp`` (an encoder file from elsewhere), ``random`` of ``random``."""
+    return re.match("[a-z]*", encoder).group()
 
 
 def _selecting_method(encoder: str) -> str:
@@ -221,6 +238,8 @@ def compare(
     encoder_lr_scales: Sequence[float] | None = None,
     also: Sequence[str] = (),
     encoders: Sequence[str] | None = None,
+    external_encoders: dict[str, str] | None = None,
+    encoder_budgets: dict[str, Sequence[int]] | None = None,
     test_selection: bool = False,
     num_workers: int = 0,
     parallel: int = 0,
@@ -240,9 +259,18 @@ def compare(
         budgets, seeds: the label budgets and seeds of the curve.
         strategies: the strategies the selection compares (names of :data:`STRATEGIES`).
         encoder_lr_scales: the encoder learning-rate factors the selection compares, for every strategy.
-        also: strategies run on the whole curve besides each method's selected one (at their selected factor).
+        also: strategies run on the whole curve besides each method's selected one (at their selected factor);
+            default: the preset's.
         encoders: the curve's encoders (e.g. ``['random', 'pgl375']``); default: random and every encoder of the
-            preset. A method none of whose encoders is used (here or in the selection) is not pretrained.
+            preset, and the external encoders. A method none of whose encoders is used (here or in the selection) is
+            not pretrained.
+        external_encoders: encoder files pretrained elsewhere, by name ``<method>-<tag>``, e.g. ``{'pgl-openkbp':
+            'runs/openkbp/pretrain/pgl/encoders/iteration_1500.pt'}``: fine-tuned like the method's own encoder (with
+            the preset's ``same_recipe``, with that method's recipe), never pretrained or selected here. Their plan
+            must match the preset's model and preprocessing. Their pretraining set is the user's to keep free of this
+            task's validation and test images: the plan records its hash, not its files.
+        encoder_budgets: ``{encoder: budgets}`` for encoders that skip some of ``budgets`` (a method's name stands for
+            its chosen encoder); default: the preset's.
         test_selection: also test the selection runs that are not on the curve.
         num_workers: data loader workers of every stage (unless the preset sets them).
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
@@ -252,6 +280,7 @@ def compare(
     settings = PRESETS[preset]
     budgets, seeds = list(budgets or settings["budgets"]), list(seeds or settings["seeds"])
     strategy_names = list(strategies or settings["strategies"])
+    also = list(also or settings.get("also", []))
     scales = list(encoder_lr_scales or settings["encoder_lr_scales"])
     unknown = [s for s in [*strategy_names, *also] if s not in STRATEGIES]
     if unknown:
@@ -275,15 +304,21 @@ def compare(
     }
     known = ["random"] + [f"{method}{i}" for method, iterations in settings["encoders"].items() for i in iterations]
     known += list(settings["encoders"])  # a method's name: its encoder at the iteration the validation probe chooses
-    encoders = list(encoders or settings.get("curve_encoders", known))
+    external = {name: os.path.abspath(path) for name, path in (external_encoders or {}).items()}
+    known += list(external)
+    encoders = list(encoders or [*settings.get("curve_encoders", known), *external])
     unknown = [e for e in encoders if e not in known]
     if unknown:
         raise ValueError(f"unknown encoders {unknown}; preset {preset!r} has {known}.")
     timings: dict[str, float] = {}
     plan = {key: settings["pretrain"].get(key, common.get(key, default)) for key, default in PLAN_DEFAULTS.items()}
     plan["patch_size"] = settings["pretrain"]["patch_size"]
+    _check_external(external, plan)
+    budgets_of = {**settings.get("encoder_budgets", {}), **(encoder_budgets or {})}
 
     def encoder_file(encoder: str) -> str:
+        if encoder in external:
+            return external[encoder]
         method = _method(encoder)
         return os.path.join(output_dir, "pretrain", method, "encoders", f"iteration_{encoder[len(method) :]}.pt")
 
@@ -343,7 +378,7 @@ def compare(
                 timings[f"{run.slug}/{folder}"] = time.time() - start
 
     selection = settings["selection"]
-    used = {_method(e) for e in [*encoders, *selection["encoders"]]}
+    used = {_method(e) for e in [*encoders, *selection["encoders"]] if e not in external}
     if not report_only:
         sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
         kept = pretraining_volumes(sources, items, num_val + num_test)
@@ -379,6 +414,7 @@ def compare(
         return f"{encoder}{chosen_iterations[encoder]}" if encoder in chosen_iterations else encoder
 
     encoders = [resolved(e) for e in encoders]
+    budgets_of = {resolved(e): b for e, b in budgets_of.items()}
     selection_encoders = [resolved(e) for e in selection["encoders"]]
     only = {resolved(e): names for e, names in selection.get("strategies", {}).items()}  # default: all strategies
     selection_runs = [
@@ -405,7 +441,7 @@ def compare(
         scores = {r: fine_tune(r) for r in selection_runs if os.path.isfile(os.path.join(root(r), "validation.json"))}
     factors, chosen = select(scores)
     recipe_of = settings.get("same_recipe", "")
-    curve = curve_runs(encoders, chosen, factors, also, budgets, settings.get("encoder_budgets", {}), seeds, recipe_of)
+    curve = curve_runs(encoders, chosen, factors, also, budgets, budgets_of, seeds, recipe_of)
     if recipe_of:  # besides recipe for recipe: each encoder at its own selected recipe, every seed
         curve += [
             r
@@ -423,16 +459,19 @@ def compare(
         if n != settings["finetune"]["num_iterations"]
     ]
     if not report_only:
-        # each run tested as soon as it is trained; the selection's encoders first, seed by seed, the probes last: a
-        # comparison stopped early has whole seeds of its main arms
+        # each run tested as soon as it is trained; the selection's encoders first, the preset's ``first_budgets``
+        # (default: all) before the others, seed by seed, the probes last: a comparison stopped early has whole seeds
+        # of its main arms
         runs = dict.fromkeys([*curve, *probes, *lengths, *(selection_runs if test_selection else [])])
         order = {budget: i for i, budget in enumerate(budgets)}
+        first = settings.get("first_budgets", budgets)
         tested = sorted(
             runs,
             key=lambda r: (
                 r in lengths,
                 r in probes,
                 r.encoder not in selection_encoders,
+                r.budget not in first,
                 r.seed,
                 order.get(r.budget, -1),
             ),

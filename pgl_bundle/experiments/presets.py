@@ -79,20 +79,22 @@ PRESETS: dict[str, dict] = {
         "parallel": 2,  # two stages at a time: start-up (imports) is most of a tiny stage, one core each
         "threads_per_stage": 1,  # two stages of 2 threads on 2 cores spin-wait: 2.3x slower than one at a time
     },
-    # 2 CPU cores, about 12 hours of wall time, two stages at a time (docs/results.md)
+    # 2 CPU cores, about 12 hours of wall time, two stages at a time (docs/results.md): recipe for recipe, random and
+    # PGL each with joint fine-tuning and with LP-FT at every budget
     "cpu": {
         "model": _CPU_MODEL,
         "pretrain": {**_CPU_PRETRAIN, "volume_repeats": 4},  # about 15 volumes x 4 / 4: 15 batches per epoch
-        "encoders": {"pgl": [375, 1000], "byol": [375]},
+        # the encoder's iteration is chosen among these by the dense probe on the validation cases
+        "encoders": {"pgl": [250, 375, 500, 750, 1000], "byol": [250, 375, 500, 750, 1000]},
         "finetune": _CPU_FINETUNE,
-        "strategies": list(STRATEGIES),
-        "encoder_lr_scales": [0.1, 0.3, 1.0],
-        # the factor is swept for joint fine-tuning and LP-FT; the other strategies are tried at 1.0
-        "strategy_lr_scales": {"decoder-first": [1.0], "lp-ft-frozen-bn": [1.0], "lp-ft-layer-decay": [1.0]},
-        # the random encoder is tried with joint fine-tuning and LP-FT only (the other strategies: PGL's encoder)
-        "selection": {"budget": 5, "encoders": ["random", "pgl375"], "strategies": {"random": ["joint", "lp-ft"]}},
+        "strategies": ["joint", "lp-ft"],
+        "encoder_lr_scales": [0.1, 1.0],
+        "selection": {"budget": 5, "encoders": ["random", "pgl", "byol"]},
+        "curve_encoders": ["random", "pgl", "byol"],
+        "same_recipe": "pgl",  # every encoder with PGL's selected factors; each at its own recipe at 5 cases
+        "also": ["joint", "lp-ft"],  # both strategies on the whole curve, whichever PGL's selection prefers
         "budgets": [1, 2, 5, 10],
-        "encoder_budgets": {"pgl1000": [5], "byol375": [5]},
+        "encoder_budgets": {"byol": [5]},
         "seeds": [0, 1, 2],
         "num_val_cases": 5,
         "num_test_cases": 15,
@@ -118,6 +120,7 @@ PRESETS: dict[str, dict] = {
         # accuracy or only speed: every arm at 5 patients, its schedule stretched to 100, 200 and 600 iterations
         "schedule_lengths": {"budget": 5, "iterations": [100, 200, 300, 600]},
         "budgets": [5, 20, 2, 10],
+        "first_budgets": [5, 20],  # every seed at 5 and 20 patients before the other budgets
         "seeds": [0, 1, 2],
         "num_val_cases": 10,
         "num_test_cases": 50,

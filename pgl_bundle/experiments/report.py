@@ -44,6 +44,12 @@ def _versus_random(mine: list, randoms: list, test: dict) -> str:
     return _interval(*(_seeds_averaged(runs, test) for runs in paired)) if seeds else ""
 
 
+def _source(encoder: str) -> str:
+    """The pretraining an encoder came from: "" for the comparison's own (``pgl375``), ``-<tag>`` for an external
+    encoder file (``pgl-openkbp``), so PGL is set against the BYOL of the same pretraining."""
+    return encoder.lstrip("abcdefghijklmnopqrstuvwxyz").lstrip("0123456789")
+
+
 def write_report(
     output_dir: str,
     selection: dict,
@@ -108,7 +114,7 @@ def write_report(
         byol = [
             r
             for (e, s, b), runs in cells.items()
-            if e.startswith("byol") and (s, b) == (strategy, budget)
+            if e.startswith("byol") and (_source(e), s, b) == (_source(encoder), strategy, budget)
             for r in runs
         ]
         versus.append(_versus_random(mine, byol, test) if encoder.startswith("pgl") else "")

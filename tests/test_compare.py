@@ -353,3 +353,21 @@ def test_an_external_encoder_with_a_bad_name_file_or_plan_is_refused(shared_data
         compare(external_encoders={"pgl-a": str(tmp_path / "missing.pt")}, **kwargs)
     with pytest.raises(ValueError, match=r"iteration_2000.pt: its plan differs from the preset's: encoder_layers"):
         compare(external_encoders={"pgl-a": other_model}, **kwargs)
+
+
+def test_stretched_schedules_get_their_rows_and_a_plot_against_iterations(tmp_path):
+    runs = [Run(e, "joint", 0.1, 5, 0, n) for e in ("random", "pgl500") for n in (0, 100, 600)]
+    for run in runs:
+        _write_test(tmp_path / run.slug / "eval", 0.3 + run.iterations / 2000 + (run.encoder == "pgl500") / 10)
+    factors, chosen = {("pgl", "joint"): 0.1}, {"pgl": "joint"}
+    curve, lengths = [r for r in runs if not r.iterations], [r for r in runs if r.iterations]
+    results = write_report(
+        str(tmp_path), {}, curve, lengths, lambda r: str(tmp_path / r.slug), factors, chosen, (), 300
+    )
+    rows = [line.split(" | ")[:5] for line in open(results) if line.startswith("| pgl500 ")]
+    assert rows == [
+        ["| pgl500", f"joint{n} (x0.1)", "5", "1", f"{d:.3f}"]
+        for n, d in [("", 0.41), (", 100 it", 0.46), (", 600 it", 0.71)]
+    ]
+    png = tmp_path / "results_iterations.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -29,7 +29,8 @@ interrupted comparison resumes where it stopped):
    the floor of its fine-tuning);
 5. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
    x strategy x budget, mean test Dice over seeds, paired bootstrap intervals against random and BYOL; Dice per class)
-   and ``results.png``.
+   and ``results.png`` (with stretched schedules, ``results_iterations.png``: test Dice against fine-tuning
+   iterations).
 """
 
 from __future__ import annotations
@@ -480,5 +481,13 @@ def compare(
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")
     return write_report(
-        output_dir, scores, curve, [*probes, *lengths], root, factors, chosen, finetune["label_names"][1:]
+        output_dir,
+        scores,
+        curve,
+        [*probes, *lengths],
+        root,
+        factors,
+        chosen,
+        finetune["label_names"][1:],
+        settings["finetune"]["num_iterations"],
     )

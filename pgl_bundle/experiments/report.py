@@ -59,6 +59,7 @@ def write_report(
     factors: dict,
     chosen: dict[str, str],
     class_names: list[str] = (),
+    iterations: int = 0,
 ) -> str:
     """Write the report; return the path of ``results.md``.
 
@@ -70,6 +71,8 @@ def write_report(
         root: a run's folder.
         factors, chosen: :func:`pgl_bundle.experiments.compare.select`'s result.
         class_names: the foreground classes' names, for the per-class table (else ``class0``, ...).
+        iterations: the preset's fine-tuning length: where runs with stretched schedules exist, test Dice against
+            fine-tuning iterations goes to ``results_iterations.png``, the curve's runs at this length included.
     """
     with open(os.path.join(output_dir, "selection.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -123,6 +126,11 @@ def write_report(
         row = [encoder, f"{strategy} (x{mine[0].scale:g})", budget, len(mine), f"{mean:.3f}", seeds, *floor, *versus]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     _plot(os.path.join(output_dir, "results.png"), [r for r in curve if test.get(r)], test)
+    stretched = [r for r in runs if r.iterations]
+    if stretched:
+        recipes = {(r.encoder, r.strategy, r.scale, r.budget) for r in stretched}
+        same = [r for r in runs if not r.iterations and (r.encoder, r.strategy, r.scale, r.budget) in recipes]
+        _plot_iterations(os.path.join(output_dir, "results_iterations.png"), stretched + same, test, iterations)
     per_class = _per_class_table(cells, root, class_names)
     chosen_text = "; ".join(f"{m}: {s} (x{factors[m, s]:g})" for m, s in chosen.items())
     note = (
@@ -180,28 +188,45 @@ def _selection_table(selection: dict, chosen: dict[str, str], factors: dict) -> 
     return "Selection: best validation Dice (first seed, selection budget).\n\n" + "\n".join(lines)
 
 
+def _plot_iterations(path: str, runs: list, test: dict, default: int) -> None:
+    """Mean test Dice against fine-tuning iterations (a run without ``iterations`` ran ``default``), one line per
+    encoder, strategy and budget; error bars: sd over seeds."""
+    lines: dict[str, dict[int, list[float]]] = {}
+    for r in sorted(runs, key=lambda r: (r.encoder, r.strategy, r.budget)):
+        points = lines.setdefault(f"{r.encoder}, {r.strategy}, {r.budget} cases", {})
+        points.setdefault(r.iterations or default, []).append(statistics.fmean(test[r].values()))
+    _draw(path, lines, "fine-tuning iterations", log_x=False)
+
+
 def _plot(path: str, curve: list, test: dict) -> None:
     """Mean test Dice against the label budget, one line per encoder and strategy; error bars: sd over seeds."""
+    lines: dict[str, dict[int, list[float]]] = {}
+    for r in curve:
+        points = lines.setdefault(f"{r.encoder}, {r.strategy}", {})
+        points.setdefault(r.budget, []).append(statistics.fmean(test[r].values()))
+    _draw(path, lines, "labelled training cases", log_x=True)
+
+
+def _draw(path: str, lines: dict[str, dict[int, list[float]]], xlabel: str, log_x: bool) -> None:
+    """One line per label, its points' mean against x with the sd over their values as error bars, saved to
+    ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    lines: dict[tuple, dict[int, list[float]]] = {}
-    for r in curve:
-        lines.setdefault((r.encoder, r.strategy), {}).setdefault(r.budget, []).append(
-            statistics.fmean(test[r].values())
-        )
-    for (encoder, strategy), points in lines.items():
-        budgets = sorted(points)
-        means = [statistics.fmean(points[b]) for b in budgets]
-        spread = [statistics.stdev(points[b]) if len(points[b]) > 1 else 0.0 for b in budgets]
-        axis.errorbar(budgets, means, yerr=spread, marker="o", capsize=3, label=f"{encoder}, {strategy}")
-    axis.set_xscale("log")
-    axis.set_xticks(sorted({r.budget for r in curve}), [str(b) for b in sorted({r.budget for r in curve})])
-    axis.minorticks_off()  # the log axis's minor labels (2 x 10^0, ...) would sit between the budgets
-    axis.set_xlabel("labelled training cases")
+    for label, points in lines.items():
+        xs = sorted(points)
+        means = [statistics.fmean(points[x]) for x in xs]
+        spread = [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]
+        axis.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=label)
+    if log_x:
+        ticks = sorted({x for points in lines.values() for x in points})
+        axis.set_xscale("log")
+        axis.set_xticks(ticks, [str(x) for x in ticks])
+        axis.minorticks_off()  # the log axis's minor labels (2 x 10^0, ...) would sit between the budgets
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("mean test Dice (seeds averaged)")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)

@@ -21,9 +21,10 @@ interrupted comparison resumes where it stopped):
 3. the label-budget curve: every encoder (or those of ``encoders``), at its budgets and every seed, with its method's
    selected strategy (and the ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection; where
    an encoder's strategies have no linear-probe phase, one LP-FT run per budget (first seed) gives it a probe
-   (:func:`probe_runs`); with the preset's ``same_recipe`` (``openkbp``), every encoder, random included, takes that
-   method's strategy and factor (recipe for recipe), and each also runs at its own selected recipe at the selection
-   budget (best against best); ``schedule_lengths`` reruns the curve's recipe at one budget with stretched schedules;
+   (:func:`probe_runs`); with the preset's ``same_recipe`` (``cpu``, ``openkbp``), every encoder, random included,
+   takes that method's strategy and factor (recipe for recipe), and each also runs at its own selected recipe at the
+   selection budget (best against best); ``schedule_lengths`` reruns the curve's recipe at one budget with stretched
+   schedules; encoders pretrained elsewhere (``external_encoders``) join the curve like the method's own;
 4. test every run of step 3 (with ``test_selection``, of step 2 too) with ``configs/evaluate.json``, whose sliding
    window is inference's; a run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out,
    the floor of its fine-tuning);

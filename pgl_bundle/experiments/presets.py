@@ -79,7 +79,7 @@ PRESETS: dict[str, dict] = {
         "parallel": 2,  # two stages at a time: start-up (imports) is most of a tiny stage, one core each
         "threads_per_stage": 1,  # two stages of 2 threads on 2 cores spin-wait: 2.3x slower than one at a time
     },
-    # 2 CPU cores, about 12 hours of wall time, two stages at a time (docs/results.md): recipe for recipe, random and
+    # 2 CPU cores, about 13 hours of wall time, two stages at a time (docs/results.md): recipe for recipe, random and
     # PGL each with joint fine-tuning and with LP-FT at every budget
     "cpu": {
         "model": _CPU_MODEL,

@@ -371,3 +371,40 @@ def test_stretched_schedules_get_their_rows_and_a_plot_against_iterations(tmp_pa
     ]
     png = tmp_path / "results_iterations.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_strategy_at_two_factors_is_two_rows_each_compared_with_its_own(tmp_path):
+    # random at PGL's recipe (joint x0.1) and at its own (joint x1.0): two rows, never averaged into one
+    dice = {("random", 0.1): 0.30, ("random", 1.0): 0.50, ("pgl500", 0.1): 0.40}
+    runs = [Run(encoder, "joint", scale, 5, seed) for encoder, scale in dice for seed in (0, 1)]
+    for run in runs:
+        _write_test(tmp_path / run.slug / "eval", dice[run.encoder, run.scale])
+    factors = {("random", "joint"): 1.0, ("pgl", "joint"): 0.1}
+    chosen = {"random": "joint", "pgl": "joint"}
+    results = write_report(str(tmp_path), {}, runs, [], lambda run: str(tmp_path / run.slug), factors, chosen)
+    rows = [line.split(" | ")[:5] for line in open(results) if line.startswith("| random ")]
+    assert rows == [["| random", "joint (x0.1)", "5", "2", "0.310"], ["| random", "joint (x1)", "5", "2", "0.510"]]
+    row = next(line for line in open(results) if line.startswith("| pgl500 "))
+    # same recipe: - random x0.1 = +0.100; random's selected recipe: - random x1.0 = -0.100
+    assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | -0.100 [-0.100, -0.100] |  |")
+
+
+def test_the_per_class_table_names_the_organs_and_compares_pgl_per_organ(tmp_path):
+    cases = [f"pt_{i}" for i in range(4)]
+    dice = {"random": (0.2, 0.6), "pgl500": (0.3, 0.5), "byol500": (0.1, 0.5)}  # (brainstem, mandible)
+    runs = [Run(encoder, "joint", 0.1, 5, 0) for encoder in dice]
+    for run in runs:
+        folder = tmp_path / run.slug / "eval"
+        folder.mkdir(parents=True)
+        a, b = dice[run.encoder]
+        rows = [f"{case},{a + i / 100},{b},{(a + i / 100 + b) / 2}" for i, case in enumerate(cases)]
+        (folder / "val_mean_dice_raw.csv").write_text("filename,class0,class1,mean\n" + "\n".join(rows) + "\n")
+    factors, chosen = {("pgl", "joint"): 0.1}, {"pgl": "joint"}
+    results = write_report(
+        str(tmp_path), {}, runs, [], lambda r: str(tmp_path / r.slug), factors, chosen, ["brainstem", "mandible"]
+    )
+    text = open(results).read()
+    assert "| encoder | strategy (encoder lr factor) | budget | brainstem | mandible |" in text
+    assert "| pgl500 | joint (x0.1) | 5 | 0.315 | 0.500 |" in text
+    assert "| pgl500 | joint (x0.1) | 5 | random | +0.100 [+0.100, +0.100] | -0.100 [-0.100, -0.100] |" in text
+    assert "| pgl500 | joint (x0.1) | 5 | BYOL | +0.200 [+0.200, +0.200] | +0.000 [+0.000, +0.000] |" in text

@@ -50,6 +50,23 @@ def _source(encoder: str) -> str:
     return encoder.lstrip("abcdefghijklmnopqrstuvwxyz").lstrip("0123456789")
 
 
+def _recipe(strategy: str, scale: float, iterations: int = 0) -> str:
+    """A fine-tuning recipe as the tables name it: ``joint (x0.1)``, ``joint, 600 it (x0.1)`` for a stretched
+    schedule."""
+    length = f", {iterations} it" if iterations else ""
+    return f"{strategy}{length} (x{scale:g})"
+
+
+def _byol_of(cells: dict[tuple, list], encoder: str, recipe: str, budget: int) -> list:
+    """The runs of the BYOL encoder of ``encoder``'s pretraining (:func:`_source`) with the same recipe and budget."""
+    return [
+        r
+        for (e, other, b), runs in cells.items()
+        if e.startswith("byol") and (_source(e), other, b) == (_source(encoder), recipe, budget)
+        for r in runs
+    ]
+
+
 def write_report(
     output_dir: str,
     selection: dict,
@@ -92,16 +109,17 @@ def write_report(
             fields = (r.encoder, r.strategy, r.scale, r.budget, r.seed)
             writer.writerows((*fields, case, dice, probe[r].get(case, "")) for case, dice in test[r].items())
 
+    # one cell per encoder, recipe and budget: the same strategy at two factors (e.g. random at PGL's recipe and at
+    # its own) or at two schedule lengths are two rows
     cells: dict[tuple, list] = {}
     for r in runs:
-        strategy = f"{r.strategy}, {r.iterations} it" if r.iterations else r.strategy  # a stretched schedule apart
-        cells.setdefault((r.encoder, strategy, r.budget), []).append(r)
+        cells.setdefault((r.encoder, _recipe(r.strategy, r.scale, r.iterations), r.budget), []).append(r)
     lines = [
         "| encoder | strategy (encoder lr factor) | budget | seeds | test Dice | per seed | probe Dice "
-        "| fine-tuned - probe | vs random, same strategy | vs random, its selected strategy | vs BYOL, same strategy |",
+        "| fine-tuned - probe | vs random, same recipe | vs random, its selected recipe | vs BYOL, same recipe |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (encoder, strategy, budget), mine in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
+    for (encoder, recipe, budget), mine in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
         per_seed = [statistics.fmean(test[r].values()) for r in mine]
         probed = [r for r in mine if probe[r]]
         floor = ["", ""]
@@ -110,20 +128,18 @@ def write_report(
                 f"{statistics.fmean(statistics.fmean(probe[r].values()) for r in probed):.3f}",
                 _interval(_seeds_averaged(probed, test), _seeds_averaged(probed, probe)),
             ]
+        own = chosen.get("random")
+        own = _recipe(own, factors["random", own], mine[0].iterations) if own else ""
         versus = [
             _versus_random(mine, cells.get(("random", other, budget), []), test) if encoder != "random" else ""
-            for other in (strategy, chosen.get("random"))
+            for other in (recipe, own)
         ]
-        byol = [
-            r
-            for (e, s, b), runs in cells.items()
-            if e.startswith("byol") and (_source(e), s, b) == (_source(encoder), strategy, budget)
-            for r in runs
-        ]
-        versus.append(_versus_random(mine, byol, test) if encoder.startswith("pgl") else "")
+        versus.append(
+            _versus_random(mine, _byol_of(cells, encoder, recipe, budget), test) if encoder.startswith("pgl") else ""
+        )
         mean = statistics.fmean(per_seed)
         seeds = ", ".join(f"{v:.3f}" for v in per_seed)
-        row = [encoder, f"{strategy} (x{mine[0].scale:g})", budget, len(mine), f"{mean:.3f}", seeds, *floor, *versus]
+        row = [encoder, recipe, budget, len(mine), f"{mean:.3f}", seeds, *floor, *versus]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     _plot(os.path.join(output_dir, "results.png"), [r for r in curve if test.get(r)], test)
     stretched = [r for r in runs if r.iterations]
@@ -150,21 +166,39 @@ def write_report(
 
 
 def _per_class_table(cells: dict[tuple, list], root: Callable, class_names: list[str]) -> str:
-    """Mean test Dice of each class (over test cases, then seeds) per encoder, strategy and budget; "" for one
-    class."""
-    means = {key: [dice_per_class(os.path.join(root(r), TEST)) for r in runs] for key, runs in cells.items()}
-    names = next((list(next(iter(m[0].values()))) for m in means.values() if m and m[0]), [])
-    if len(names) < 2:
+    """Mean test Dice of each class (over test cases, then seeds) per encoder, recipe and budget, and for each PGL
+    encoder the per-class paired intervals against random and BYOL with the same recipe; "" for one class.
+
+    The evaluation's csv names the classes ``class0``, ...; ``class_names`` (foreground, in label order) renames them
+    where it has one name per column."""
+    runs = [r for group in cells.values() for r in group]
+    found = {r: dice_per_class(os.path.join(root(r), TEST)) for r in runs}  # {run: {case: {column: dice}}}
+    columns = next((list(next(iter(cases.values()))) for cases in found.values() if cases), [])
+    if len(columns) < 2:
         return ""
-    lines = [
-        "| encoder | strategy | budget | " + " | ".join(names) + " |",
-        "| --- | --- | --- |" + " --- |" * len(names),
-    ]
-    for (encoder, strategy, budget), runs in sorted(means.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
-        per_seed = [{n: statistics.fmean(case[n] for case in run.values()) for n in names} for run in runs]
-        values = [f"{statistics.fmean(seed[n] for seed in per_seed):.3f}" for n in names]
-        lines.append(f"| {encoder} | {strategy} | {budget} | " + " | ".join(values) + " |")
-    return "Test Dice per class (mean over test cases, then seeds).\n\n" + "\n".join(lines) + "\n\n"
+    names = list(class_names) if len(class_names) == len(columns) else columns
+    by_class = {
+        name: {r: {case: dice[column] for case, dice in found[r].items()} for r in runs}
+        for name, column in zip(names, columns)
+    }  # {class: {run: {case: dice}}}, the shape _versus_random takes
+    header = "| encoder | strategy (encoder lr factor) | budget | " + " | ".join(names) + " |"
+    rule = "| --- | --- | --- |" + " --- |" * len(names)
+    means, versus = [header, rule], [header.replace("| budget |", "| budget | against |"), rule + " --- |"]
+    for (encoder, recipe, budget), mine in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
+        values = [statistics.fmean(statistics.fmean(by_class[n][r].values()) for r in mine) for n in names]
+        means.append(f"| {encoder} | {recipe} | {budget} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        if not encoder.startswith("pgl"):
+            continue
+        others = {"random": cells.get(("random", recipe, budget), []), "BYOL": _byol_of(cells, encoder, recipe, budget)}
+        for against, theirs in others.items():
+            if theirs:
+                row = [_versus_random(mine, theirs, by_class[n]) for n in names]
+                versus.append(f"| {encoder} | {recipe} | {budget} | {against} | " + " | ".join(row) + " |")
+    text = "Test Dice per class (mean over test cases, then seeds).\n\n" + "\n".join(means) + "\n\n"
+    if len(versus) > 2:
+        text += "PGL - random and PGL - BYOL per class, same recipe (intervals as above).\n\n"
+        text += "\n".join(versus) + "\n\n"
+    return text
 
 
 def _selection_table(selection: dict, chosen: dict[str, str], factors: dict) -> str:
@@ -193,7 +227,7 @@ def _plot_iterations(path: str, runs: list, test: dict, default: int) -> None:
     encoder, strategy and budget; error bars: sd over seeds."""
     lines: dict[str, dict[int, list[float]]] = {}
     for r in sorted(runs, key=lambda r: (r.encoder, r.strategy, r.budget)):
-        points = lines.setdefault(f"{r.encoder}, {r.strategy}, {r.budget} cases", {})
+        points = lines.setdefault(f"{r.encoder}, {_recipe(r.strategy, r.scale)}, {r.budget} cases", {})
         points.setdefault(r.iterations or default, []).append(statistics.fmean(test[r].values()))
     _draw(path, lines, "fine-tuning iterations", log_x=False)
 
@@ -202,7 +236,7 @@ def _plot(path: str, curve: list, test: dict) -> None:
     """Mean test Dice against the label budget, one line per encoder and strategy; error bars: sd over seeds."""
     lines: dict[str, dict[int, list[float]]] = {}
     for r in curve:
-        points = lines.setdefault(f"{r.encoder}, {r.strategy}", {})
+        points = lines.setdefault(f"{r.encoder}, {_recipe(r.strategy, r.scale)}", {})
         points.setdefault(r.budget, []).append(statistics.fmean(test[r].values()))
     _draw(path, lines, "labelled training cases", log_x=True)
 

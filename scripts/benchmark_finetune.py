@@ -2,11 +2,13 @@
 
     python scripts/benchmark_finetune.py --threads 2
     python scripts/benchmark_finetune.py --threads 2 --time_resnet50 True   # also times ResNet-50 (slow on CPU)
+    python scripts/benchmark_finetune.py --threads 1 --compile True   # each network also under torch.compile
 
 A step is forward, DiceCE loss, backward and AdamW on a batch of ``batch`` patches (2 images x 2 crops = 4 in the
 recipe of docs/results.md). FLOPs are PyTorch's ``FlopCounterMode`` count of convolutions (forward and backward),
-on the meta device, with the forward's split into encoder, decoder and head. Prints figures and ratios to the UNet
-(numbers go to docs/benchmarks.md); asserts nothing.
+on the meta device, with the forward's split into encoder, decoder and head. With ``compile``, each timed network
+is also timed under ``torch.compile`` (inductor; its first step, the compilation, reported apart). Prints figures and
+ratios to the UNet (numbers go to docs/benchmarks.md); asserts nothing.
 """
 
 from __future__ import annotations
@@ -65,17 +67,17 @@ def _flops(build: Callable[[], nn.Module], batch: int, patch) -> dict[str, float
     return {"total": total, **{k: 100 * v / forward for k, v in parts.items()}}
 
 
-def _step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> float:
+def _step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``repeats`` steps, and the seconds of the first step (warm-up; compilation if compiled)."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     times = []
-    for i in range(repeats + 1):  # the first step is a warm-up
+    for _ in range(repeats + 1):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss(net(x), y).backward()
         optimizer.step()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), times[0]
 
 
 def main(
@@ -86,18 +88,22 @@ def main(
     resnet50: bool = True,
     time_resnet50: bool = False,
     decoders=((128, 64, 32, 16, 16), (64, 32, 16, 16, 16)),
+    compile: bool = False,
 ) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.rand(batch, 1, *patch)
     y = (torch.rand(batch, 1, *patch) > 0.9).float()
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    rows = []
+    rows, compiled_rows = [], []
     for name, build in _networks(resnet50, decoders).items():
         flops = _flops(build, batch, patch)
         seconds = None
         if time_resnet50 or "ResNet-50" not in name:
-            seconds = _step_time(build().train(), x, y, loss, repeats)
+            seconds, _ = _step_time(build().train(), x, y, loss, repeats)
+            if compile:
+                compiled, first = _step_time(torch.compile(build().train()), x, y, loss, repeats)
+                compiled_rows.append((name, seconds, compiled, first))
         rows.append((name, seconds, flops))
         print(f"{name}: {seconds} s/step, {flops}", flush=True)
     ref_time, ref_flops = rows[0][1], rows[0][2]["total"]
@@ -109,6 +115,11 @@ def main(
         parts = " | ".join(f"{flops[k]:.0f} %" for k in ("encoder", "decoder", "head"))
         parts = "- | - | -" if name == rows[0][0] else parts
         print(f"| {name} | {step} | {flops['total']:.1f} | {flops['total'] / ref_flops:.1f} | {parts} |")
+    if compiled_rows:
+        print("\n| network | eager step (s) | compiled step (s) | eager / compiled | first compiled step (s) |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, eager, compiled, first in compiled_rows:
+            print(f"| {name} | {eager:.2f} | {compiled:.2f} | {eager / compiled:.2f}x | {first:.0f} |")
 
 
 if __name__ == "__main__":

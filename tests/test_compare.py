@@ -408,3 +408,30 @@ def test_the_per_class_table_names_the_organs_and_compares_pgl_per_organ(tmp_pat
     assert "| pgl500 | joint (x0.1) | 5 | 0.315 | 0.500 |" in text
     assert "| pgl500 | joint (x0.1) | 5 | random | +0.100 [+0.100, +0.100] | -0.100 [-0.100, -0.100] |" in text
     assert "| pgl500 | joint (x0.1) | 5 | BYOL | +0.200 [+0.200, +0.200] | +0.000 [+0.000, +0.000] |" in text
+
+
+def test_the_learning_rate_is_chosen_for_random_on_validation_and_every_later_run_uses_it(
+    shared_data, tmp_path, monkeypatch
+):
+    stages = {}
+
+    def record(function, jobs, parallel, desc):  # no stage runs; at 3e-3 random validates best
+        stages[desc] = [job[0] for job in jobs]
+        return [0.6 if getattr(run, "learning_rate", 0) == 3e-3 else 0.5 for run in stages[desc]]
+
+    module = sys.modules["pgl_bundle.experiments.compare"]
+    monkeypatch.setattr(module, "run_all", record)
+    monkeypatch.setattr(module, "choose_iterations", lambda *args: {"pgl": 375, "byol": 750})
+    compare(labelled=str(shared_data / "sts"), output_dir=str(tmp_path), preset="cpu")
+    assert [(r.encoder, r.strategy, r.scale, r.budget, r.seed) for r in stages["learning rate"]] == [
+        ("random", "joint", 1.0, 5, 0)
+    ] * 4
+    assert [r.learning_rate for r in stages["learning rate"]] == [3e-4, 1e-3, 3e-3, 1e-2]
+    later = stages["selection"] + stages["curve"]
+    assert {r.learning_rate for r in later} == {3e-3} and all(r.slug.endswith("_lr0.003") for r in later)
+    assert (tmp_path / "learning_rate.csv").read_text().splitlines()[1:] == [
+        "0.0003,0.5,False",
+        "0.001,0.5,False",
+        "0.003,0.6,True",
+        "0.01,0.5,False",
+    ]

@@ -14,21 +14,25 @@ interrupted comparison resumes where it stopped):
    taken from; each encoder (``pgl375``: PGL at iteration 375) is written as an encoder file with its adaptation plan;
    where the preset names a method alone (``pgl``), its encoder is the candidate iteration whose dense probe scores
    best on the validation cases (:mod:`.encoder_choice`, ``encoder_choice.csv``);
-2. selection, on the first seed and the selection budget only: fine-tune every selection encoder with every
+2. where the preset lists ``learning_rates``, the fine-tuning learning rate: random initialisation, ``joint``, at each
+   candidate rate (first seed, selection budget); the best validation Dice gives every later run its rate
+   (``learning_rate.csv``): tuned for the baseline, so a gain of a pretrained encoder is not a baseline left
+   undertrained;
+3. selection, on the first seed and the selection budget only: fine-tune every selection encoder with every
    transfer strategy (:data:`STRATEGIES`: keys of ``configs/train.json``) at every encoder learning-rate factor;
    per encoder, keep the strategy and factor with the best validation Dice (``selection.csv``); no test case is
    seen;
-3. the label-budget curve: every encoder (or those of ``encoders``), at its budgets and every seed, with its method's
+4. the label-budget curve: every encoder (or those of ``encoders``), at its budgets and every seed, with its method's
    selected strategy (and the ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection; where
    an encoder's strategies have no linear-probe phase, one LP-FT run per budget (first seed) gives it a probe
    (:func:`probe_runs`); with the preset's ``same_recipe`` (``cpu``, ``openkbp``), every encoder, random included,
    takes that method's strategy and factor (recipe for recipe), and each also runs at its own selected recipe at the
    selection budget (best against best); ``schedule_lengths`` reruns the curve's recipe at one budget with stretched
    schedules; encoders pretrained elsewhere (``external_encoders``) join the curve like the method's own;
-4. test every run of step 3 (with ``test_selection``, of step 2 too) with ``configs/evaluate.json``, whose sliding
+5. test every run of step 4 (with ``test_selection``, of step 3 too) with ``configs/evaluate.json``, whose sliding
    window is inference's; a run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out,
    the floor of its fine-tuning);
-5. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
+6. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
    x strategy x budget, mean test Dice over seeds, paired bootstrap intervals against random and BYOL; Dice per class)
    and ``results.png`` (with stretched schedules, ``results_iterations.png``: test Dice against fine-tuning
    iterations).
@@ -36,12 +40,13 @@ interrupted comparison resumes where it stopped):
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from pgl_bundle.data import load_datalist
@@ -65,6 +70,7 @@ from pgl_bundle.transfer import PLAN_DEFAULTS, read_plan
 __all__ = [
     "Run",
     "best_against_best",
+    "choose_learning_rate",
     "compare",
     "curve_runs",
     "pretraining_volumes",
@@ -79,7 +85,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning: an encoder (``random``, ``pgl375``, ...), a strategy and encoder factor, a budget, a seed,
-    and the schedule's length (0: the preset's; else the preset's schedule stretched to that many iterations)."""
+    the schedule's length (0: the preset's; else the preset's schedule stretched to that many iterations) and the
+    learning rate (0: the preset's; else this one, named in the folder)."""
 
     encoder: str
     strategy: str
@@ -87,6 +94,7 @@ class Run:
     budget: int
     seed: int
     iterations: int = 0
+    learning_rate: float = 0.0
 
     @property
     def method(self) -> str:
@@ -96,7 +104,8 @@ class Run:
     @property
     def slug(self) -> str:
         length = f"_it{self.iterations}" if self.iterations else ""
-        return f"{self.encoder}_{self.strategy}_x{self.scale:g}_n{self.budget}_seed{self.seed}{length}"
+        rate = f"_lr{self.learning_rate:g}" if self.learning_rate else ""
+        return f"{self.encoder}_{self.strategy}_x{self.scale:g}_n{self.budget}_seed{self.seed}{length}{rate}"
 
 
 def stretched(finetune: dict, iterations: int) -> dict:
@@ -196,6 +205,44 @@ def best_against_best(
         if _method(encoder) in chosen
         for seed in seeds
     ]
+
+
+def choose_learning_rate(
+    output_dir: str,
+    rates: Sequence[float],
+    budget: int,
+    seed: int,
+    fine_tune: Callable[[Run], float],
+    root: Callable[[Run], str],
+    parallel: int,
+    report_only: bool = False,
+) -> float:
+    """The fine-tuning learning rate among ``rates`` with the best validation Dice of random initialisation and
+    ``joint`` (ties: the smaller rate); 0.0 (the preset's rate) without candidates. Writes ``learning_rate.csv``.
+
+    Args:
+        output_dir: the comparison's folder.
+        rates: the candidate learning rates.
+        budget, seed: the selection's budget and first seed.
+        fine_tune: runs a :class:`Run` (skipped when finished) and returns its best validation Dice.
+        root: a run's folder.
+        parallel: runs at once.
+        report_only: run nothing; choose among the finished runs.
+    """
+    trials = [Run("random", "joint", 1.0, budget, seed, learning_rate=rate) for rate in rates]
+    if report_only:
+        trials = [r for r in trials if os.path.isfile(os.path.join(root(r), "validation.json"))]
+        scores = {r: fine_tune(r) for r in trials}
+    else:
+        scores = dict(zip(trials, run_all(fine_tune, [(r,) for r in trials], parallel, "learning rate")))
+    if not scores:
+        return 0.0
+    best = max(scores, key=lambda r: (scores[r], -r.learning_rate)).learning_rate
+    with open(os.path.join(output_dir, "learning_rate.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["learning_rate", "best_val_mean_dice", "chosen"])
+        writer.writerows((r.learning_rate, v, r.learning_rate == best) for r, v in scores.items())
+    return best
 
 
 def _recipe(run: Run, chosen: dict[str, str], factors: dict[tuple[str, str], float], recipe_of: str) -> tuple:
@@ -350,6 +397,8 @@ def compare(
         schedule = {**finetune, **(stretched(finetune, run.iterations) if run.iterations else {})}
         values = {**schedule, "num_train_cases": run.budget, "seed": run.seed, "overwrite": True}
         values.update(strategy_overrides(run.strategy, schedule), encoder_lr_scale=run.scale)
+        if run.learning_rate:
+            values["learning_rate"] = run.learning_rate
         if run.encoder != "random":
             values["pretrained_encoder"] = encoder_file(run.encoder)
         return values
@@ -419,8 +468,18 @@ def compare(
     budgets_of = {resolved(e): b for e, b in budgets_of.items()}
     selection_encoders = [resolved(e) for e in selection["encoders"]]
     only = {resolved(e): names for e, names in selection.get("strategies", {}).items()}  # default: all strategies
+    rate = choose_learning_rate(
+        output_dir,
+        settings.get("learning_rates", []),
+        selection["budget"],
+        seeds[0],
+        fine_tune,
+        root,
+        parallel,
+        report_only,
+    )
     selection_runs = [
-        Run(encoder, strategy, scale, selection["budget"], seeds[0])
+        Run(encoder, strategy, scale, selection["budget"], seeds[0], learning_rate=rate)
         for encoder in selection_encoders
         for strategy in strategy_names
         if not (encoder == "random" and strategy in PRETRAINED_ONLY) and strategy in only.get(encoder, strategy_names)
@@ -450,7 +509,9 @@ def compare(
             for r in best_against_best(selection_encoders, chosen, factors, selection["budget"], seeds)
             if r not in curve
         ]
+    curve = [replace(r, learning_rate=rate) for r in curve]
     probes = probe_runs(curve, factors, seeds[0]) if settings.get("floor_probes", True) else []
+    probes = [replace(r, learning_rate=rate) for r in probes]
     # accuracy or speed: the curve's runs at one budget again with shorter and longer schedules
     lengths = settings.get("schedule_lengths", {})
     lengths = [

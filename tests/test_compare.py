@@ -24,7 +24,7 @@ from pgl_bundle.experiments.compare import (
 from pgl_bundle.experiments.encoder_choice import best_iterations
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
 from pgl_bundle.experiments.report import write_report
-from pgl_bundle.experiments.runner import best_validation_dice
+from pgl_bundle.experiments.runner import best_validation_dice, check_same_settings
 from pgl_bundle.transfer import PLAN_DEFAULTS, write_plan
 
 
@@ -435,3 +435,24 @@ def test_the_learning_rate_is_chosen_for_random_on_validation_and_every_later_ru
         "0.003,0.6,True",
         "0.01,0.5,False",
     ]
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(shared_data, tmp_path, monkeypatch):
+    run = Run("random", "joint", 1.0, 5, 0, learning_rate=3e-4)
+    folder = tmp_path / "finetune" / run.slug
+    (folder / "models").mkdir(parents=True)
+    (folder / "validation.json").write_text('{"best_val_mean_dice": 0.9}')
+    command = ["python", "-m", "monai.bundle", "run", "run", "--learning_rate", "0.001", "--seed", "0"]
+    (folder / "models" / "train_run.json").write_text(json.dumps({"command": command}))
+
+    def record(function, jobs, parallel, desc):  # runs the finished stage's reuse only
+        return [function(*job) if job[0] == run else 0.5 for job in jobs]
+
+    module = sys.modules["pgl_bundle.experiments.compare"]
+    monkeypatch.setattr(module, "run_all", record)
+    monkeypatch.setattr(module, "choose_iterations", lambda *args: {"pgl": 375, "byol": 750})
+    with pytest.raises(
+        ValueError, match=rf"{run.slug}: finished with other settings \(.*learning_rate: 0.001 \(now 0.0003\)"
+    ):
+        compare(labelled=str(shared_data / "sts"), output_dir=str(tmp_path), preset="cpu")
+    check_same_settings(str(folder), {"learning_rate": 0.001, "seed": 0, "overwrite": True})  # the same: reused

@@ -8,7 +8,8 @@ The labelled cases are split once: the last ``num_test_cases`` are the test set,
 the validation set, the first ones the training pool; a budget of ``n`` labelled cases trains on the pool's first
 ``n`` (smaller budgets are subsets of larger ones). The validation and test images are left out of the pretraining
 set. Stages, each a ``python -m monai.bundle run`` in a folder of its own, skipped when its result exists (an
-interrupted comparison resumes where it stopped):
+interrupted comparison resumes where it stopped; a finished fine-tune whose recorded command gave any setting another
+value, e.g. under an edited preset, stops the comparison instead of being reused):
 
 1. pretrain PGL and BYOL once each, on the same schedule, keeping a full checkpoint at every iteration an encoder is
    taken from; each encoder (``pgl375``: PGL at iteration 375) is written as an encoder file with its adaptation plan;
@@ -57,6 +58,7 @@ from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import (
     CONFIGS,
     best_validation_dice,
+    check_same_settings,
     checkpoints_by_iteration,
     extract_encoder,
     pretrain,
@@ -405,7 +407,9 @@ def compare(
 
     def fine_tune(run: Run) -> float:
         done = os.path.join(root(run), "validation.json")
-        if not os.path.isfile(done):
+        if os.path.isfile(done):
+            check_same_settings(root(run), overrides(run))
+        else:
             start = time.time()
             run_bundle(CONFIGS["train"], root(run), overrides(run), threads=threads)
             with open(done, "w") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from pgl_bundle.data import load_datalist
+from pgl_bundle.errors import BadInputError
 from pgl_bundle.handlers import checkpoint_run
 from pgl_bundle.transfer import write_plan
 from tqdm import tqdm
@@ -27,6 +29,7 @@ from tqdm import tqdm
 __all__ = [
     "CONFIGS",
     "best_validation_dice",
+    "check_same_settings",
     "checkpoints_by_iteration",
     "dice_per_case",
     "dice_per_class",
@@ -37,6 +40,7 @@ __all__ = [
     "write_datalist",
 ]
 
+logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {
     "pgl": ["configs/pretrain.json"],
@@ -59,7 +63,7 @@ def run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: st
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, "--bundle_root", bundle_root]
     cmd += ["--logging_file", os.path.join(ROOT, "configs", "logging.conf")]
     for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
+        cmd += [f"--{key}", _argument(value)]
     os.makedirs(bundle_root, exist_ok=True)
     with open(os.path.join(bundle_root, "log.txt"), "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -70,6 +74,39 @@ def run_bundle(configs: list[str], bundle_root: str, overrides: dict, run_id: st
         with open(os.path.join(bundle_root, "log.txt")) as log:
             tail = log.read()[-3000:]  # the failed run's output is the end of the log
         raise RuntimeError(f"stage in {bundle_root} failed ({' '.join(cmd)}):\n{tail}")
+
+
+def _argument(value) -> str:
+    """An override as ``run_bundle`` writes it on the command line."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def check_same_settings(bundle_root: str, overrides: dict, ignore: Sequence[str] = ("overwrite",)) -> None:
+    """Before a finished training stage is reused: refuse it when the command it ran with (its run record,
+    ``models/train_run.json``) gave any key of ``overrides`` another value, e.g. a run of an earlier preset.
+
+    A stage without a run record cannot be checked: a warning says so and it is reused.
+
+    Raises:
+        BadInputError: names the folder, each differing key with both values, and the way on.
+    """
+    record = os.path.join(bundle_root, "models", "train_run.json")
+    if not os.path.isfile(record):
+        logger.warning(f"{bundle_root}: no run record ({record}); reused without checking its settings.")
+        return
+    with open(record) as f:
+        command = json.load(f)["command"]
+    recorded = {key[2:]: value for key, value in zip(command, command[1:]) if key.startswith("--")}
+    differ = [
+        f"{key}: {recorded.get(key, 'not given')} (now {_argument(value)})"
+        for key, value in overrides.items()
+        if key not in ignore and recorded.get(key) != _argument(value)
+    ]
+    if differ:
+        raise BadInputError(
+            f"{bundle_root}: finished with other settings ({'; '.join(differ)}). Move the folder aside or choose "
+            "another output folder; it is not reused."
+        )
 
 
 def run_all(function: Callable, jobs: Sequence[tuple], parallel: int, desc: str) -> list:

@@ -435,6 +435,7 @@ def test_the_learning_rate_is_chosen_for_random_on_validation_and_every_later_ru
         "0.003,0.6,True",
         "0.01,0.5,False",
     ]
+    assert "fine-tuning learning rate 0.003 (learning_rate.csv)" in (tmp_path / "results.md").read_text()
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(shared_data, tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def write_report(
         _plot_iterations(os.path.join(output_dir, "results_iterations.png"), stretched + same, test, iterations)
     per_class = _per_class_table(cells, root, class_names)
     chosen_text = "; ".join(f"{m}: {s} (x{factors[m, s]:g})" for m, s in chosen.items())
-    rates = sorted({r.learning_rate for r in runs if r.learning_rate})
+    rates = sorted({r.learning_rate for r in [*curve, *selection] if r.learning_rate})
     if rates:  # compare's choose_learning_rate
         chosen_text += f"; fine-tuning learning rate {', '.join(f'{v:g}' for v in rates)} (learning_rate.csv)"
     note = (

@@ -81,9 +81,12 @@ def _argument(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def check_same_settings(bundle_root: str, overrides: dict, ignore: Sequence[str] = ("overwrite",)) -> None:
+def check_same_settings(
+    bundle_root: str, overrides: dict, ignore: Sequence[str] = ("overwrite", "num_workers")
+) -> None:
     """Before a finished training stage is reused: refuse it when the command it ran with (its run record,
-    ``models/train_run.json``) gave any key of ``overrides`` another value, e.g. a run of an earlier preset.
+    ``models/train_run.json``) gave any key of ``overrides`` but ``ignore`` (keys that do not change the result)
+    another value, e.g. a run of an earlier preset.
 
     A stage without a run record cannot be checked: a warning says so and it is reused.
 

@@ -265,7 +265,8 @@ def _draw(path: str, lines: dict[str, dict[int, list[float]]], xlabel: str, log_
         axis.minorticks_off()  # the log axis's minor labels (2 x 10^0, ...) would sit between the budgets
     axis.set_xlabel(xlabel)
     axis.set_ylabel("mean test Dice (seeds averaged)")
-    axis.legend(fontsize=7)
+    if lines:  # no finished run yet: axes without a legend
+        axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -210,14 +210,7 @@ def best_against_best(
 
 
 def choose_learning_rate(
-    output_dir: str,
-    rates: Sequence[float],
-    budget: int,
-    seed: int,
-    fine_tune: Callable[[Run], float],
-    root: Callable[[Run], str],
-    parallel: int,
-    report_only: bool = False,
+    output_dir: str, rates: Sequence[float], budget: int, seed: int, scored: Callable[[list, str], dict]
 ) -> float:
     """The fine-tuning learning rate among ``rates`` with the best validation Dice of random initialisation and
     ``joint`` (ties: the smaller rate); 0.0 (the preset's rate) without candidates. Writes ``learning_rate.csv``.
@@ -226,17 +219,10 @@ def choose_learning_rate(
         output_dir: the comparison's folder.
         rates: the candidate learning rates.
         budget, seed: the selection's budget and first seed.
-        fine_tune: runs a :class:`Run` (skipped when finished) and returns its best validation Dice.
-        root: a run's folder.
-        parallel: runs at once.
-        report_only: run nothing; choose among the finished runs.
+        scored: ``scored(runs, stage name)``: ``{run: best validation Dice}`` of the runs, run where needed.
     """
     trials = [Run("random", "joint", 1.0, budget, seed, learning_rate=rate) for rate in rates]
-    if report_only:
-        trials = [r for r in trials if os.path.isfile(os.path.join(root(r), "validation.json"))]
-        scores = {r: fine_tune(r) for r in trials}
-    else:
-        scores = dict(zip(trials, run_all(fine_tune, [(r,) for r in trials], parallel, "learning rate")))
+    scores = scored(trials, "learning rate")
     if not scores:
         return 0.0
     best = max(scores, key=lambda r: (scores[r], -r.learning_rate)).learning_rate
@@ -472,16 +458,14 @@ def compare(
     budgets_of = {resolved(e): b for e, b in budgets_of.items()}
     selection_encoders = [resolved(e) for e in selection["encoders"]]
     only = {resolved(e): names for e, names in selection.get("strategies", {}).items()}  # default: all strategies
-    rate = choose_learning_rate(
-        output_dir,
-        settings.get("learning_rates", []),
-        selection["budget"],
-        seeds[0],
-        fine_tune,
-        root,
-        parallel,
-        report_only,
-    )
+
+    def scored(runs: list[Run], desc: str) -> dict[Run, float]:
+        """Best validation Dice of each run, fine-tuned as needed; with ``report_only``, of the finished ones."""
+        if report_only:
+            return {r: fine_tune(r) for r in runs if os.path.isfile(os.path.join(root(r), "validation.json"))}
+        return dict(zip(runs, run_all(fine_tune, [(r,) for r in runs], parallel, desc)))
+
+    rate = choose_learning_rate(output_dir, settings.get("learning_rates", []), selection["budget"], seeds[0], scored)
     selection_runs = [
         Run(encoder, strategy, scale, selection["budget"], seeds[0], learning_rate=rate)
         for encoder in selection_encoders
@@ -500,10 +484,7 @@ def compare(
             selection_encoders.index(r.encoder),
         )
     )
-    if not report_only:
-        scores = dict(zip(selection_runs, run_all(fine_tune, [(r,) for r in selection_runs], parallel, "selection")))
-    else:
-        scores = {r: fine_tune(r) for r in selection_runs if os.path.isfile(os.path.join(root(r), "validation.json"))}
+    scores = scored(selection_runs, "selection")
     factors, chosen = select(scores)
     recipe_of = settings.get("same_recipe", "")
     curve = curve_runs(encoders, chosen, factors, also, budgets, budgets_of, seeds, recipe_of)

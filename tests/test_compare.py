@@ -23,8 +23,9 @@ from pgl_bundle.experiments.compare import (
 )
 from pgl_bundle.experiments.encoder_choice import best_iterations
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
-from pgl_bundle.experiments.report import write_report
+from pgl_bundle.experiments.report import verdict, write_report
 from pgl_bundle.experiments.runner import best_validation_dice, check_same_settings
+from pgl_bundle.experiments.stats import PairedDifference
 from pgl_bundle.transfer import PLAN_DEFAULTS, write_plan
 
 
@@ -364,7 +365,8 @@ def test_stretched_schedules_get_their_rows_and_a_plot_against_iterations(tmp_pa
     results = write_report(
         str(tmp_path), {}, curve, lengths, lambda r: str(tmp_path / r.slug), factors, chosen, (), 300
     )
-    rows = [line.split(" | ")[:5] for line in open(results) if line.startswith("| pgl500 ")]
+    table = open(results).read().split("\n\n")[0].splitlines()  # the main table, not the decision table
+    rows = [line.split(" | ")[:5] for line in table if line.startswith("| pgl500 ")]
     assert rows == [
         ["| pgl500", f"joint{n} (x0.1)", "5", "1", f"{d:.3f}"]
         for n, d in [("", 0.41), (", 100 it", 0.46), (", 600 it", 0.71)]
@@ -387,6 +389,36 @@ def test_one_strategy_at_two_factors_is_two_rows_each_compared_with_its_own(tmp_
     row = next(line for line in open(results) if line.startswith("| pgl500 "))
     # same recipe: - random x0.1 = +0.100; random's selected recipe: - random x1.0 = -0.100
     assert row.rstrip().endswith("| +0.100 [+0.100, +0.100] | -0.100 [-0.100, -0.100] |  |")
+
+
+def test_the_decision_table_applies_the_rule_fixed_before_the_results(tmp_path):
+    # per seed: random at PGL's recipe (x0.1), random at its own (x1), BYOL and PGL at x0.1
+    dice = {0: (0.30, 0.41, 0.395, 0.40), 1: (0.30, 0.34, 0.40, 0.35)}
+    arms, runs = [("random", 0.1), ("random", 1.0), ("byol500", 0.1), ("pgl500", 0.1)], []
+    for seed, values in dice.items():
+        for (encoder, scale), value in zip(arms, values):
+            runs.append(Run(encoder, "joint", scale, 5, seed))
+            _write_test(tmp_path / runs[-1].slug / "eval", value)
+    factors = {("random", "joint"): 1.0, ("pgl", "joint"): 0.1, ("byol", "joint"): 0.1}
+    chosen = {"random": "joint", "pgl": "joint", "byol": "joint"}
+    text = open(write_report(str(tmp_path), {}, runs, [], lambda r: str(tmp_path / r.slug), factors, chosen)).read()
+    decision = text[text.index("Decision, by a rule fixed before any result") :].split("\n\n")[1]
+    # ahead by 0.10 and 0.05: better; -0.01 and +0.01: level; +0.005 and -0.05, averaged -0.023: undecided
+    assert [line.split(" | ")[3:] for line in decision.splitlines()[2:]] == [
+        ["random, same recipe", "+0.075 [+0.075, +0.075]", "+0.100, +0.050", "better |"],
+        ["random, its selected recipe", "+0.000 [+0.000, +0.000]", "-0.010, +0.010", "level |"],
+        ["BYOL, same recipe", "-0.023 [-0.023, -0.023]", "+0.005, -0.050", "undecided |"],
+    ]
+
+
+def test_the_decision_rule_needs_the_interval_and_every_seed():
+    assert verdict(PairedDifference(-0.05, -0.08, -0.02, 0.95, 50), [-0.04, -0.06, -0.05]) == "worse"
+    # the interval below 0, one seed ahead: no decision either way
+    assert verdict(PairedDifference(-0.05, -0.08, -0.02, 0.95, 50), [-0.04, -0.12, +0.01]) == "undecided"
+    assert verdict(PairedDifference(+0.03, +0.01, +0.05, 0.95, 50), [0.03, 0.02, 0.04]) == "better"
+    # within +-0.02 but crossing 0: level; wider than that: undecided
+    assert verdict(PairedDifference(0.0, -0.019, +0.02, 0.95, 50), [0.01, -0.01, 0.0]) == "level"
+    assert verdict(PairedDifference(0.0, -0.021, +0.02, 0.95, 50), [0.01, -0.01, 0.0]) == "undecided"
 
 
 def test_the_per_class_table_names_the_organs_and_compares_pgl_per_organ(tmp_path):

@@ -10,9 +10,9 @@ import statistics
 from collections.abc import Callable
 
 from pgl_bundle.experiments.runner import dice_per_case, dice_per_class
-from pgl_bundle.experiments.stats import paired_bootstrap
+from pgl_bundle.experiments.stats import PairedDifference, paired_bootstrap
 
-__all__ = ["write_report"]
+__all__ = ["LEVEL", "verdict", "write_report"]
 
 TEST, PROBE = "eval", "eval_linear_probe"  # folders of a run's test of its model and of its linear probe
 
@@ -29,19 +29,48 @@ def _seeds_averaged(runs: list, scores: dict) -> dict[str, float]:
     return {c: statistics.fmean(scores[r][c] for r in runs) for c in sorted(cases)}
 
 
-def _interval(a: dict[str, float], b: dict[str, float]) -> str:
-    """Paired bootstrap of ``a - b`` over their common cases, as text; "" with fewer than 2."""
+def _interval(a: dict[str, float], b: dict[str, float]) -> PairedDifference | None:
+    """Paired bootstrap of ``a - b`` over their common cases; None with fewer than 2."""
     common = sorted(set(a) & set(b))
-    return str(paired_bootstrap([a[c] for c in common], [b[c] for c in common])) if len(common) > 1 else ""
+    return paired_bootstrap([a[c] for c in common], [b[c] for c in common]) if len(common) > 1 else None
 
 
-def _versus_random(mine: list, randoms: list, test: dict) -> str:
-    """Paired bootstrap of ``mine - randoms`` (or another arm's runs) on the seeds both have, as text; "" without
-    one. A seed fixes the crops
-    drawn and the new layers' initialisation, so an arm stopped after fewer seeds is compared with the same seeds."""
-    seeds = {r.seed for r in mine} & {r.seed for r in randoms}
-    paired = [[r for r in runs if r.seed in seeds] for runs in (mine, randoms)]
-    return _interval(*(_seeds_averaged(runs, test) for runs in paired)) if seeds else ""
+def _text(difference: PairedDifference | None) -> str:
+    return str(difference) if difference else ""
+
+
+def _paired(mine: list, theirs: list, test: dict) -> PairedDifference | None:
+    """Paired bootstrap of ``mine - theirs`` (e.g. PGL's runs against random's) on the seeds both have; None without
+    one. A seed fixes the crops drawn and the new layers' initialisation, so an arm stopped after fewer seeds is
+    compared with the same seeds."""
+    seeds = {r.seed for r in mine} & {r.seed for r in theirs}
+    paired = [[r for r in runs if r.seed in seeds] for runs in (mine, theirs)]
+    return _interval(*(_seeds_averaged(runs, test) for runs in paired)) if seeds else None
+
+
+def _per_seed(mine: list, theirs: list, test: dict) -> list[float]:
+    """Per seed both arms have, in seed order: the mean over their common test cases of ``mine - theirs``."""
+    by_seed = {r.seed: r for r in theirs}
+    differences = []
+    for r in sorted((r for r in mine if r.seed in by_seed), key=lambda r: r.seed):
+        other = test[by_seed[r.seed]]
+        differences.append(statistics.fmean(test[r][c] - other[c] for c in set(test[r]) & set(other)))
+    return differences
+
+
+# The decision rule, fixed before any OpenKBP test patient was scored (docs/results.md): an arm is better than
+# another when the paired interval lies above 0 and it is ahead at every seed; level when the interval lies within
+# +-LEVEL, a difference no user would pretrain for; undecided otherwise.
+LEVEL = 0.02
+
+
+def verdict(difference: PairedDifference, per_seed: list[float]) -> str:
+    """``better``, ``worse``, ``level`` or ``undecided``, by the rule above."""
+    if difference.low > 0 and all(d > 0 for d in per_seed):
+        return "better"
+    if difference.high < 0 and all(d < 0 for d in per_seed):
+        return "worse"
+    return "level" if -LEVEL <= difference.low and difference.high <= LEVEL else "undecided"
 
 
 def _source(encoder: str) -> str:
@@ -119,6 +148,10 @@ def write_report(
         "| fine-tuned - probe | vs random, same recipe | vs random, its selected recipe | vs BYOL, same recipe |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    decisions = [
+        "| encoder | strategy (encoder lr factor) | budget | against | PGL - other | per seed | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for (encoder, recipe, budget), mine in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0] != "random", c[0])):
         per_seed = [statistics.fmean(test[r].values()) for r in mine]
         probed = [r for r in mine if probe[r]]
@@ -126,17 +159,22 @@ def write_report(
         if probed:
             floor = [
                 f"{statistics.fmean(statistics.fmean(probe[r].values()) for r in probed):.3f}",
-                _interval(_seeds_averaged(probed, test), _seeds_averaged(probed, probe)),
+                _text(_interval(_seeds_averaged(probed, test), _seeds_averaged(probed, probe))),
             ]
         own = chosen.get("random")
         own = _recipe(own, factors["random", own], mine[0].iterations) if own else ""
-        versus = [
-            _versus_random(mine, cells.get(("random", other, budget), []), test) if encoder != "random" else ""
-            for other in (recipe, own)
-        ]
-        versus.append(
-            _versus_random(mine, _byol_of(cells, encoder, recipe, budget), test) if encoder.startswith("pgl") else ""
-        )
+        against = {  # the columns' arms, as the decision table names them
+            "random, same recipe": cells.get(("random", recipe, budget), []) if encoder != "random" else [],
+            "random, its selected recipe": cells.get(("random", own, budget), []) if encoder != "random" else [],
+            "BYOL, same recipe": _byol_of(cells, encoder, recipe, budget) if encoder.startswith("pgl") else [],
+        }
+        differences = {name: _paired(mine, theirs, test) for name, theirs in against.items()}
+        versus = [_text(d) for d in differences.values()]
+        for name, difference in differences.items():
+            if encoder.startswith("pgl") and difference and not (name.endswith("selected recipe") and own == recipe):
+                apart = _per_seed(mine, against[name], test)
+                row = [encoder, recipe, budget, name, difference, ", ".join(f"{d:+.3f}" for d in apart)]
+                decisions.append("| " + " | ".join(map(str, [*row, verdict(difference, apart)])) + " |")
         mean = statistics.fmean(per_seed)
         seeds = ", ".join(f"{v:.3f}" for v in per_seed)
         row = [encoder, recipe, budget, len(mine), f"{mean:.3f}", seeds, *floor, *versus]
@@ -161,10 +199,16 @@ def write_report(
         "cases (pgl_bundle.experiments.stats.paired_bootstrap) of fine-tuned - probe and of the difference to random "
         "(on the seeds both have)."
     )
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(
-            "\n".join(lines) + "\n\n" + note + "\n\n" + per_class + _selection_table(selection, chosen, factors) + "\n"
+    decided = ""
+    if len(decisions) > 2:
+        decided = (
+            f"Decision, by a rule fixed before any result: better, the interval above 0 and PGL ahead at every seed; "
+            f"worse, the interval below 0 and PGL behind at every seed; level, the interval within +-{LEVEL:g}; else "
+            "undecided. Per seed: the mean over test cases of PGL - other.\n\n" + "\n".join(decisions) + "\n\n"
         )
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        tables = "\n".join(lines) + "\n\n" + note + "\n\n" + decided + per_class
+        f.write(tables + _selection_table(selection, chosen, factors) + "\n")
     return os.path.join(output_dir, "results.md")
 
 
@@ -183,7 +227,7 @@ def _per_class_table(cells: dict[tuple, list], root: Callable, class_names: list
     by_class = {
         name: {r: {case: dice[column] for case, dice in found[r].items()} for r in runs}
         for name, column in zip(names, columns)
-    }  # {class: {run: {case: dice}}}, the shape _versus_random takes
+    }  # {class: {run: {case: dice}}}, the shape _paired takes
     header = "| encoder | strategy (encoder lr factor) | budget | " + " | ".join(names) + " |"
     rule = "| --- | --- | --- |" + " --- |" * len(names)
     means, versus = [header, rule], [header.replace("| budget |", "| budget | against |"), rule + " --- |"]
@@ -195,7 +239,7 @@ def _per_class_table(cells: dict[tuple, list], root: Callable, class_names: list
         others = {"random": cells.get(("random", recipe, budget), []), "BYOL": _byol_of(cells, encoder, recipe, budget)}
         for against, theirs in others.items():
             if theirs:
-                row = [_versus_random(mine, theirs, by_class[n]) for n in names]
+                row = [_text(_paired(mine, theirs, by_class[n])) for n in names]
                 versus.append(f"| {encoder} | {recipe} | {budget} | {against} | " + " | ".join(row) + " |")
     text = "Test Dice per class (mean over test cases, then seeds).\n\n" + "\n".join(means) + "\n\n"
     if len(versus) > 2:

@@ -12,16 +12,9 @@ import sys
 
 import pytest
 from monai.bundle import ConfigWorkflow
-from pgl_bundle.experiments.compare import (
-    Run,
-    compare,
-    curve_runs,
-    pretraining_volumes,
-    probe_runs,
-    select,
-    stretched,
-)
+from pgl_bundle.experiments.compare import compare, pretraining_volumes
 from pgl_bundle.experiments.encoder_choice import best_iterations
+from pgl_bundle.experiments.fine_tunes import Run, curve_runs, probe_runs, select, stretched
 from pgl_bundle.experiments.presets import PRESETS, strategy_overrides
 from pgl_bundle.experiments.report import verdict, write_report
 from pgl_bundle.experiments.runner import best_validation_dice, check_same_settings

@@ -25,16 +25,18 @@ value, e.g. under an edited preset, stops the comparison instead of being reused
    seen;
 4. the label-budget curve: every encoder (or those of ``encoders``), at its budgets and every seed, with its method's
    selected strategy (and the ``also`` strategies at their best factor); a BYOL encoder takes PGL's selection; where
-   an encoder's strategies have no linear-probe phase, one LP-FT run per budget (first seed) gives it a probe
-   (:func:`probe_runs`); with the preset's ``same_recipe`` (``cpu``, ``openkbp``), every encoder, random included,
-   takes that method's strategy and factor (recipe for recipe), and each also runs at its own selected recipe at the
-   selection budget (best against best); ``schedule_lengths`` reruns the curve's recipe at one budget with stretched
-   schedules; encoders pretrained elsewhere (``external_encoders``) join the curve like the method's own;
+   an encoder's strategies have no linear-probe phase, one LP-FT run per budget (first seed) gives it a probe; with
+   the preset's ``same_recipe`` (``cpu``, ``openkbp``), every encoder, random included, takes that method's strategy
+   and factor (recipe for recipe), and each also runs at its own selected recipe at the selection budget (best
+   against best); ``schedule_lengths`` reruns the curve's recipe at one budget with stretched schedules; encoders
+   pretrained elsewhere (``external_encoders``) join the curve like the method's own (these lists of runs and their
+   order: :mod:`.fine_tunes`);
 5. test every run of step 4 (with ``test_selection``, of step 3 too) with ``configs/evaluate.json``, whose sliding
    window is inference's; a run with a linear-probe phase also tests its linear probe (the frozen encoder's read-out,
    the floor of its fine-tuning);
 6. write ``results.csv`` (one row per run and test case, with the run's probe Dice), ``results.md`` (one table: encoder
-   x strategy x budget, mean test Dice over seeds, paired bootstrap intervals against random and BYOL; Dice per class)
+   x strategy x budget, mean test Dice over seeds, paired bootstrap intervals against random and BYOL; a decision
+   by a fixed rule, :func:`.report.verdict`; Dice per class)
    and ``results.png`` (with stretched schedules, ``results_iterations.png``: test Dice against fine-tuning
    iterations).
 """
@@ -48,12 +50,24 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from pgl_bundle.data import load_datalist
 from pgl_bundle.errors import BadInputError, require_file
 from pgl_bundle.experiments.encoder_choice import choose_iterations
-from pgl_bundle.experiments.presets import PRESETS, PRETRAINED_ONLY, STRATEGIES, strategy_overrides
+from pgl_bundle.experiments.fine_tunes import (
+    Run,
+    best_against_best,
+    curve_runs,
+    method_of,
+    probe_runs,
+    select,
+    selection_runs,
+    stretched,
+    stretched_runs,
+    test_order,
+)
+from pgl_bundle.experiments.presets import PRESETS, STRATEGIES, strategy_overrides
 from pgl_bundle.experiments.report import write_report
 from pgl_bundle.experiments.runner import (
     CONFIGS,
@@ -69,79 +83,9 @@ from pgl_bundle.experiments.runner import (
 from pgl_bundle.provenance import encoder_plan
 from pgl_bundle.transfer import PLAN_DEFAULTS, read_plan
 
-__all__ = [
-    "Run",
-    "best_against_best",
-    "choose_learning_rate",
-    "compare",
-    "curve_runs",
-    "pretraining_volumes",
-    "probe_runs",
-    "select",
-    "stretched",
-]
+__all__ = ["choose_learning_rate", "compare", "pretraining_volumes"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Run:
-    """One fine-tuning: an encoder (``random``, ``pgl375``, ...), a strategy and encoder factor, a budget, a seed,
-    the schedule's length (0: the preset's; else the preset's schedule stretched to that many iterations) and the
-    learning rate (0: the preset's; else this one, named in the folder)."""
-
-    encoder: str
-    strategy: str
-    scale: float
-    budget: int
-    seed: int
-    iterations: int = 0
-    learning_rate: float = 0.0
-
-    @property
-    def method(self) -> str:
-        """``random``, ``pgl`` or ``byol``."""
-        return _method(self.encoder)
-
-    @property
-    def slug(self) -> str:
-        length = f"_it{self.iterations}" if self.iterations else ""
-        rate = f"_lr{self.learning_rate:g}" if self.learning_rate else ""
-        return f"{self.encoder}_{self.strategy}_x{self.scale:g}_n{self.budget}_seed{self.seed}{length}{rate}"
-
-
-def stretched(finetune: dict, iterations: int) -> dict:
-    """The fine-tuning schedule of ``finetune`` stretched to ``iterations``: validation interval and warm-up in the
-    same proportion (so a strategy's phases, resolved from the validation interval, keep their share)."""
-    factor = iterations / finetune["num_iterations"]
-    return {
-        "num_iterations": iterations,
-        "val_interval": max(1, round(finetune["val_interval"] * factor)),
-        "warmup_iterations": round(finetune.get("warmup_iterations", 0) * factor),
-    }
-
-
-def select(scores: dict[Run, float]) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
-    """Per method and strategy, the encoder factor with the best validation Dice; per method, the best strategy.
-
-    Args:
-        scores: best validation Dice of each selection run.
-
-    Returns:
-        ``{(method, strategy): factor}`` and ``{method: strategy}``; ties go to the earlier strategy (the order of
-        :data:`STRATEGIES`) and the smaller factor.
-    """
-    best: dict[tuple[str, str], tuple[float, float]] = {}
-    for run in sorted(scores, key=lambda r: (list(STRATEGIES).index(r.strategy), r.scale)):
-        key = (run.method, run.strategy)
-        if key not in best or scores[run] > best[key][1]:
-            best[key] = (run.scale, scores[run])
-    factors = {key: scale for key, (scale, _) in best.items()}
-    strategies: dict[str, str] = {}
-    for (method, strategy), (_, dice) in best.items():
-        if method not in strategies or dice > best[method, strategies[method]][1]:
-            strategies[method] = strategy
-    return factors, strategies
 
 
 def pretraining_volumes(sources: Sequence[str], labelled: list[dict], held_out: int) -> list[dict]:
@@ -155,58 +99,6 @@ def pretraining_volumes(sources: Sequence[str], labelled: list[dict], held_out: 
     kept = [item for item in images if os.path.realpath(item["image"]) not in excluded]
     logger.info(f"pretraining volumes: {len(kept)} ({len(images) - len(kept)} validation or test images left out).")
     return kept
-
-
-def curve_runs(
-    encoders: Sequence[str],
-    chosen: dict[str, str],
-    factors: dict[tuple[str, str], float],
-    also: Sequence[str],
-    budgets: Sequence[int],
-    encoder_budgets: dict[str, Sequence[int]],
-    seeds: Sequence[int],
-    recipe_of: str = "",
-) -> list[Run]:
-    """The label-budget curve: every encoder with its method's selected strategy (a BYOL encoder: PGL's; with
-    ``recipe_of``, that method's for every encoder, random included: recipe for recipe) and the ``also`` strategies,
-    each at its selected factor, at its budgets (``encoder_budgets``, else ``budgets``)."""
-    runs = []
-    for encoder in encoders:
-        method = recipe_of or _selecting_method(encoder)
-        names = [chosen[method], *also] if method in chosen else []
-        for strategy in dict.fromkeys(s for s in names if (method, s) in factors):
-            for budget in encoder_budgets.get(encoder, budgets):
-                runs += [Run(encoder, strategy, factors[method, strategy], budget, seed) for seed in seeds]
-    return list(dict.fromkeys(runs))
-
-
-def probe_runs(curve: Sequence[Run], factors: dict[tuple[str, str], float], seed: int) -> list[Run]:
-    """The floor's runs: for every encoder and budget of ``curve`` without a run that has a linear-probe phase, one
-    ``lp-ft`` run (``seed``, its method's selected LP-FT factor), whose linear probe the report sets beside the
-    encoder's fine-tuned runs. None where LP-FT was not among the selection's strategies."""
-    probed = {(r.encoder, r.budget) for r in curve if STRATEGIES[r.strategy].get("linear_probe_iterations")}
-    runs = []
-    for encoder, budget in dict.fromkeys((r.encoder, r.budget) for r in curve):
-        factor = factors.get((_selecting_method(encoder), "lp-ft"))
-        if (encoder, budget) not in probed and factor is not None:
-            runs.append(Run(encoder, "lp-ft", factor, budget, seed))
-    return runs
-
-
-def best_against_best(
-    encoders: Sequence[str],
-    chosen: dict[str, str],
-    factors: dict[tuple[str, str], float],
-    budget: int,
-    seeds: Sequence[int],
-) -> list[Run]:
-    """Each encoder with its own method's selected strategy and factor at the selection budget, every seed."""
-    return [
-        Run(encoder, chosen[_method(encoder)], factors[_method(encoder), chosen[_method(encoder)]], budget, seed)
-        for encoder in encoders
-        if _method(encoder) in chosen
-        for seed in seeds
-    ]
 
 
 def choose_learning_rate(
@@ -233,12 +125,6 @@ def choose_learning_rate(
     return best
 
 
-def _recipe(run: Run, chosen: dict[str, str], factors: dict[tuple[str, str], float], recipe_of: str) -> tuple:
-    """The (strategy, factor) the curve gives ``run``'s encoder."""
-    method = recipe_of or _selecting_method(run.encoder)
-    return (chosen[method], factors[method, chosen[method]]) if method in chosen else ()
-
-
 def _check_external(external: dict[str, str], plan: dict) -> None:
     """Refuse an external encoder whose name is not ``<pgl|byol>-<tag>``, whose file or plan is missing, or whose
     plan's model or preprocessing differs from ``plan`` (the preset's)."""
@@ -251,16 +137,6 @@ def _check_external(external: dict[str, str], plan: dict) -> None:
         differ = [f"{k}: {found[k]} (preset: {plan[k]})" for k in PLAN_DEFAULTS if found[k] != plan[k]]
         if differ:
             raise BadInputError(f"{path}: its plan differs from the preset's: {'; '.join(differ)}.")
-
-
-def _method(encoder: str) -> str:
-    """``pgl`` of ``pgl375`` and of ``pgl-openkbp`` (an encoder file from elsewhere), ``random`` of ``random``."""
-    return re.match("[a-z]*", encoder).group()
-
-
-def _selecting_method(encoder: str) -> str:
-    """The method whose selection an encoder's curve runs take: its own, PGL's for a BYOL encoder."""
-    return "pgl" if encoder.startswith("byol") else _method(encoder)
 
 
 def compare(
@@ -356,7 +232,7 @@ def compare(
     def encoder_file(encoder: str) -> str:
         if encoder in external:
             return external[encoder]
-        method = _method(encoder)
+        method = method_of(encoder)
         return os.path.join(output_dir, "pretrain", method, "encoders", f"iteration_{encoder[len(method) :]}.pt")
 
     def pretrain_stage(method: str) -> None:
@@ -419,7 +295,7 @@ def compare(
                 timings[f"{run.slug}/{folder}"] = time.time() - start
 
     selection = settings["selection"]
-    used = {_method(e) for e in [*encoders, *selection["encoders"]] if e not in external}
+    used = {method_of(e) for e in [*encoders, *selection["encoders"]] if e not in external}
     if not report_only:
         sources = [os.path.abspath(s) for s in unlabelled] or [labelled]
         kept = pretraining_volumes(sources, items, num_val + num_test)
@@ -466,25 +342,17 @@ def compare(
         return dict(zip(runs, run_all(fine_tune, [(r,) for r in runs], parallel, desc)))
 
     rate = choose_learning_rate(output_dir, settings.get("learning_rates", []), selection["budget"], seeds[0], scored)
-    selection_runs = [
-        Run(encoder, strategy, scale, selection["budget"], seeds[0], learning_rate=rate)
-        for encoder in selection_encoders
-        for strategy in strategy_names
-        if not (encoder == "random" and strategy in PRETRAINED_ONLY) and strategy in only.get(encoder, strategy_names)
-        for scale in settings.get("strategy_lr_scales", {}).get(strategy, scales)
-    ]
-    # paired runs first: the strategies every encoder tries, each factor's encoders side by side, so a selection
-    # stopped early compares encoders on equal terms
-    tried_by = {s: sum(r.strategy == s for r in selection_runs) for s in strategy_names}
-    selection_runs.sort(
-        key=lambda r: (
-            -tried_by[r.strategy],
-            strategy_names.index(r.strategy),
-            -r.scale,
-            selection_encoders.index(r.encoder),
-        )
+    selected = selection_runs(
+        selection_encoders,
+        strategy_names,
+        scales,
+        selection["budget"],
+        seeds[0],
+        rate,
+        settings.get("strategy_lr_scales"),
+        only,
     )
-    scores = scored(selection_runs, "selection")
+    scores = scored(selected, "selection")
     factors, chosen = select(scores)
     recipe_of = settings.get("same_recipe", "")
     curve = curve_runs(encoders, chosen, factors, also, budgets, budgets_of, seeds, recipe_of)
@@ -498,31 +366,14 @@ def compare(
     probes = probe_runs(curve, factors, seeds[0]) if settings.get("floor_probes", True) else []
     probes = [replace(r, learning_rate=rate) for r in probes]
     # accuracy or speed: the curve's runs at one budget again with shorter and longer schedules
-    lengths = settings.get("schedule_lengths", {})
-    lengths = [
-        replace(r, iterations=n)
-        for r in curve
-        if r.budget == lengths.get("budget") and (r.strategy, r.scale) == _recipe(r, chosen, factors, recipe_of)
-        for n in lengths.get("iterations", [])
-        if n != settings["finetune"]["num_iterations"]
-    ]
+    stretch = settings.get("schedule_lengths", {})
+    other_lengths = [n for n in stretch.get("iterations", []) if n != settings["finetune"]["num_iterations"]]
+    lengths = stretched_runs(curve, stretch.get("budget", 0), other_lengths, chosen, factors, recipe_of)
     if not report_only:
-        # each run tested as soon as it is trained; the selection's encoders first, the preset's ``first_budgets``
-        # (default: all) before the others, seed by seed, the probes last: a comparison stopped early has whole seeds
-        # of its main arms
-        runs = dict.fromkeys([*curve, *probes, *lengths, *(selection_runs if test_selection else [])])
-        order = {budget: i for i, budget in enumerate(budgets)}
-        first = settings.get("first_budgets", budgets)
-        tested = sorted(
-            runs,
-            key=lambda r: (
-                r in lengths,
-                r in probes,
-                r.encoder not in selection_encoders,
-                r.budget not in first,
-                r.seed,
-                order.get(r.budget, -1),
-            ),
+        # each run tested as soon as it is trained
+        runs = [*curve, *probes, *lengths, *(selected if test_selection else [])]
+        tested = test_order(
+            runs, [probes, lengths], selection_encoders, budgets, settings.get("first_budgets", budgets)
         )
         run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:

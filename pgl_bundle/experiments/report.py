@@ -115,7 +115,7 @@ def write_report(
         curve: the label-budget curve's runs.
         probes: the runs that give the curve's encoders their probes (in the table, not on the plot).
         root: a run's folder.
-        factors, chosen: :func:`pgl_bundle.experiments.compare.select`'s result.
+        factors, chosen: :func:`pgl_bundle.experiments.fine_tunes.select`'s result.
         class_names: the foreground classes' names, for the per-class table (else ``class0``, ...).
         iterations: the preset's fine-tuning length: where runs with stretched schedules exist, test Dice against
             fine-tuning iterations goes to ``results_iterations.png``, the curve's runs at this length included.

@@ -79,13 +79,19 @@ def test_best_iteration_ties_go_to_the_earlier_one():
     }
 
 
-def test_openkbp_compares_every_encoder_with_pgls_recipe_and_each_at_its_own_best(tmp_path, monkeypatch):
+def _openkbp_sized(tmp_path):
+    """A dataset.json of 90 empty cases: the openkbp preset's split and budgets fit it."""
     dataset = tmp_path / "dataset.json"
     items = [{"image": f"pt_{i}.nii.gz", "label": f"pt_{i}_label.nii.gz"} for i in range(90)]
     for item in items:
         for path in item.values():
             (tmp_path / path).touch()
     dataset.write_text(json.dumps({"training": items}))
+    return dataset
+
+
+def test_openkbp_compares_every_encoder_with_pgls_recipe_and_each_at_its_own_best(tmp_path, monkeypatch):
+    dataset = _openkbp_sized(tmp_path)
     stages = {}
 
     def record(function, jobs, parallel, desc):  # the stages' jobs, none run; random is best with LP-FT
@@ -117,6 +123,18 @@ def test_openkbp_compares_every_encoder_with_pgls_recipe_and_each_at_its_own_bes
     assert sorted((r.encoder, r.strategy, r.scale, r.budget, r.seed) for r in own) == [
         ("random", "lp-ft", 0.1, 5, seed) for seed in (0, 1, 2)
     ]
+
+
+def test_a_comparison_can_stop_after_its_first_budgets_and_refuses_an_unknown_stop(tmp_path, monkeypatch):
+    dataset = _openkbp_sized(tmp_path)
+    stages = _record_stages(monkeypatch, {"pgl": 1500, "byol": 500})
+    kwargs = {"output_dir": str(tmp_path / "out"), "preset": "openkbp", "unlabelled": [str(dataset)]}
+    compare(str(dataset), stop_after="first_budgets", **kwargs)
+    # every arm and seed at 5 and 20 patients, PGL's recipe and best against best; no 2, 10 or stretched schedule
+    assert {(r.budget, r.iterations) for r in stages["curve"]} == {(5, 0), (20, 0)}
+    assert len(stages["curve"]) == 3 * 2 * 3
+    with pytest.raises(ValueError, match="stop_after 'first_budget': 'pretrain', 'first_budgets' or ''"):
+        compare(str(dataset), stop_after="first_budget", **kwargs)
 
 
 def test_encoders_are_written_with_their_adaptation_plan(tiny_comparison):

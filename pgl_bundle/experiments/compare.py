@@ -188,8 +188,12 @@ def compare(
         num_workers: data loader workers of every stage (unless the preset sets them).
         parallel: stages run at once; 0: the preset's (1 unless it says otherwise).
         report_only: run nothing; write the report from the finished runs.
-        stop_after: ``"pretrain"``: stop once the encoders are written (return ""), e.g. to look at them first.
+        stop_after: ``"pretrain"``: stop once the encoders are written (return ""), e.g. to look at them first;
+            ``"first_budgets"``: train and test the curve's runs at the preset's ``first_budgets`` only (every seed,
+            no probes or stretched schedules), then write the report; run again without it for the rest.
     """
+    if stop_after not in ("", "pretrain", "first_budgets"):
+        raise ValueError(f"stop_after {stop_after!r}: 'pretrain', 'first_budgets' or '' (run everything).")
     settings = PRESETS[preset]
     budgets, seeds = list(budgets or settings["budgets"]), list(seeds or settings["seeds"])
     strategy_names = list(strategies or settings["strategies"])
@@ -371,10 +375,11 @@ def compare(
     lengths = stretched_runs(curve, stretch.get("budget", 0), other_lengths, chosen, factors, recipe_of)
     if not report_only:
         # each run tested as soon as it is trained
+        first = settings.get("first_budgets", budgets)
         runs = [*curve, *probes, *lengths, *(selected if test_selection else [])]
-        tested = test_order(
-            runs, [probes, lengths], selection_encoders, budgets, settings.get("first_budgets", budgets)
-        )
+        if stop_after == "first_budgets":
+            runs = [r for r in curve if r.budget in first]
+        tested = test_order(runs, [probes, lengths], selection_encoders, budgets, first)
         run_all(lambda run: (fine_tune(run), test(run)), [(r,) for r in tested], parallel, "curve")
         with open(os.path.join(output_dir, "timings.json"), "a") as f:
             f.write(json.dumps(timings) + "\n")

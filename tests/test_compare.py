@@ -416,9 +416,9 @@ def test_the_decision_table_applies_the_rule_fixed_before_the_results(tmp_path):
     decision = text[text.index("Decision, by a rule fixed before any result") :].split("\n\n")[1]
     # ahead by 0.10 and 0.05: better; -0.01 and +0.01: level; +0.005 and -0.05, averaged -0.023: undecided
     assert [line.split(" | ")[3:] for line in decision.splitlines()[2:]] == [
-        ["random, same recipe", "+0.075 [+0.075, +0.075]", "+0.100, +0.050", "better |"],
-        ["random, its selected recipe", "+0.000 [+0.000, +0.000]", "-0.010, +0.010", "level |"],
-        ["BYOL, same recipe", "-0.023 [-0.023, -0.023]", "+0.005, -0.050", "undecided |"],
+        ["random, same recipe", "+0.075 [+0.075, +0.075]", "+0.100, +0.050", "3 of 3", "better |"],
+        ["random, its selected recipe", "+0.000 [+0.000, +0.000]", "-0.010, +0.010", "0 of 3", "level |"],
+        ["BYOL, same recipe", "-0.023 [-0.023, -0.023]", "+0.005, -0.050", "0 of 3", "undecided |"],
     ]
 
 

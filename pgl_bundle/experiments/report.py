@@ -187,8 +187,8 @@ def write_report(
         for name, difference in differences.items():
             if encoder.startswith("pgl") and difference and not (name.endswith("selected recipe") and own == recipe):
                 apart = _per_seed(mine, against[name], test)
-                seeds = ", ".join(f"{d:+.3f}" for d in apart)
-                row = [encoder, recipe, budget, name, difference, seeds, _ahead(mine, against[name], test)]
+                each = ", ".join(f"{d:+.3f}" for d in apart)
+                row = [encoder, recipe, budget, name, difference, each, _ahead(mine, against[name], test)]
                 decisions.append("| " + " | ".join(map(str, [*row, verdict(difference, apart)])) + " |")
         mean = statistics.fmean(per_seed)
         seeds = ", ".join(f"{v:.3f}" for v in per_seed)
